@@ -71,11 +71,12 @@ if command -v readelf >/dev/null; then
     echo "check-release: the interposers are in the preload library, and only there"
     defined() { readelf --dyn-syms --wide "$1" | awk '$7 != "UND" {print $8}' | sed 's/@.*//' | sort -u; }
     defined "$dist/lib/libkvhygiene_preload.so" >"$work/preload.syms"
-    for sym in cudaMalloc cudaMallocPitch cudaMallocAsync cudaFree cudaFreeAsync cudaStreamDestroy cudaDeviceReset cudaThreadExit; do
+    for sym in cudaMalloc cudaMallocPitch cudaMallocAsync cudaFree cudaFreeAsync cudaStreamDestroy cudaDeviceReset cudaThreadExit \
+        cudaIpcGetMemHandle cuIpcGetMemHandle; do
         grep -qx "$sym" "$work/preload.syms" ||
             die "lib/libkvhygiene_preload.so does not define $sym: an LD_PRELOAD of it would interpose nothing"
     done
-    if defined "$dist/lib/libkvhygiene.so" | grep -qx 'cudaMalloc\|cudaFree'; then
+    if defined "$dist/lib/libkvhygiene.so" | grep -qx 'cudaMalloc\|cudaFree\|cuIpcGetMemHandle'; then
         die "lib/libkvhygiene.so defines the CUDA interposers: the two libraries are swapped or mixed"
     fi
 

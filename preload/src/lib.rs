@@ -17,7 +17,7 @@
 //! | `cudaMallocAsync` (+ `_ptsz`) | size > 0, on a stream not capturing a graph | size 0, a capturing stream, `KVH_PRELOAD=off` |
 //! | `cudaFree`, `cudaFreeAsync` (+ `_ptsz`) | pointers kvhygiene holds | NULL, every other pointer |
 //! | `cudaStreamDestroy` | forgets a stream it uses (after synchronising it) | always, after that, unless a capture refused the synchronisation |
-//! | `cudaIpcGetMemHandle` | marks a block it hands out as exported (its free then retires it); refuses a block it does not hand out | always, after that, unless refused |
+//! | `cudaIpcGetMemHandle`, `cuIpcGetMemHandle` (driver) | marks a block it hands out as exported (its free then retires it); refuses a block it does not hand out | always, after that, unless refused |
 //! | `cudaDeviceReset`, `cudaThreadExit` | scrubs the device's blocks and shuts kvhygiene down (unless it already was) | always, after that, unless a capture refused the synchronisation or `cudaGetDevice` failed |
 //!
 //! In a forked child of the process that started kvhygiene, every call is forwarded, but
@@ -30,7 +30,8 @@
 //!   pointer NULL, as for every failed allocation), never unwinds into C.
 //! - A pointer kvhygiene does not hold is never handed to it, and one it holds is never
 //!   handed to the real runtime (but to `cudaIpcGetMemHandle`, for a block handed out, once
-//!   marked: only the runtime can make its handle): the block table decides
+//!   marked: only the runtime can make its handle; and to the driver's `cuIpcGetMemHandle`
+//!   likewise): the block table decides
 //!   ([`kvhygiene::alloc::Allocator::block_containing`]), so double and interior frees of
 //!   kvhygiene memory are reported by the core (and logged) and not forwarded. A block
 //!   kvhygiene returned to the device (an empty-cache, the idle TTL, the reuse limit) is no
@@ -351,32 +352,60 @@ pub extern "C" fn cudaStreamDestroy(stream: cudaStream_t) -> cudaError_t {
 #[no_mangle]
 pub extern "C" fn cudaIpcGetMemHandle(handle: *mut c_void, dev_ptr: *mut c_void) -> cudaError_t {
     boundary(|| {
-        let held = (!handle.is_null()).then(|| held(dev_ptr)).flatten();
-        if let Some((alloc, _)) = held {
-            match alloc.mark_ipc_exported(dev_ptr as u64) {
-                Err(e @ IpcExportError::NotLive { .. }) => {
-                    refused_export(&e);
-                    return INVALID_VALUE;
-                }
-                // Unknown: released between the look-up and the mark (or freed by a device
-                // reset and since returned), no longer kvhygiene's: the runtime answers.
-                Ok(_) | Err(IpcExportError::UnknownPointer { .. }) => {}
-            }
+        if let Err(e) = mark_before_export(handle, dev_ptr) {
+            refused_export("cudaIpcGetMemHandle refused (cudaErrorInvalidValue)", &e);
+            return INVALID_VALUE;
         }
         // SAFETY: the caller's arguments, passed on unchanged under the runtime's contract.
         unsafe { real::cudaIpcGetMemHandle(handle, dev_ptr) }
     })
 }
 
+/// `cuIpcGetMemHandle`, the driver API's export, for an engine that calls the driver
+/// directly: the same mark and refusal as `cudaIpcGetMemHandle`, then the real driver
+/// function. The driver's error codes used here have the runtime's numbers
+/// (`CUDA_ERROR_INVALID_VALUE` 1, `CUDA_ERROR_UNKNOWN` 999 for a panic,
+/// `CUDA_ERROR_SHARED_OBJECT_SYMBOL_NOT_FOUND` 302). Only a call that reaches this symbol
+/// through the dynamic linker is seen: a function pointer the engine got from
+/// `cuGetProcAddress` or `cudaGetDriverEntryPoint` is the driver's own (docs/cuda.md, "IPC").
+#[no_mangle]
+pub extern "C" fn cuIpcGetMemHandle(handle: *mut c_void, dptr: u64) -> cudaError_t {
+    boundary(|| {
+        if let Err(e) = mark_before_export(handle, dptr as *mut c_void) {
+            refused_export("cuIpcGetMemHandle refused (CUDA_ERROR_INVALID_VALUE)", &e);
+            return INVALID_VALUE;
+        }
+        // SAFETY: the caller's arguments, passed on unchanged under the driver's contract.
+        unsafe { real::cuIpcGetMemHandle(handle, dptr) }
+    })
+}
+
+/// Marks the block an export names before the export is made; `Err` when the pointer is
+/// inside a kvhygiene block that is not handed out, whose export must be refused. A NULL
+/// `handle` (refused by CUDA, so nothing is exported) and a pointer kvhygiene does not hold
+/// mark nothing.
+fn mark_before_export(handle: *mut c_void, ptr: *mut c_void) -> Result<(), IpcExportError> {
+    let held = (!handle.is_null()).then(|| held(ptr)).flatten();
+    let Some((alloc, _)) = held else {
+        return Ok(());
+    };
+    match alloc.mark_ipc_exported(ptr as u64) {
+        Err(e @ IpcExportError::NotLive { .. }) => Err(e),
+        // Unknown: released between the look-up and the mark (or freed by a device reset
+        // and since returned), no longer kvhygiene's: CUDA answers.
+        Ok(_) | Err(IpcExportError::UnknownPointer { .. }) => Ok(()),
+    }
+}
+
 /// Says on stderr why an export was refused, for the first few refusals of the process: an
 /// engine that exports freed memory has a bug that the error code alone does not explain.
 #[cold]
-fn refused_export(e: &IpcExportError) {
+fn refused_export(what: &str, e: &IpcExportError) {
     static SAID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     kvhygiene::say_first(
         &SAID,
         16,
-        format_args!("kvhygiene-preload: cudaIpcGetMemHandle refused (cudaErrorInvalidValue): {e}"),
+        format_args!("kvhygiene-preload: {what}: {e}"),
         "further refusals are not said",
     );
 }

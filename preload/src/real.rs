@@ -38,38 +38,62 @@ const RUNTIME_SONAMES: &[&CStr] = &[
     c"libcudart.so",
 ];
 
+/// Sonames of the CUDA driver, for a driver function that is not in the global scope.
+const DRIVER_SONAMES: &[&CStr] = &[c"libcuda.so.1", c"libcuda.so"];
+
+/// Which library defines a real function.
+#[derive(Clone, Copy)]
+enum Library {
+    /// The CUDA runtime (`libcudart`): found as `lookup` says.
+    Runtime,
+    /// The CUDA driver (`libcuda.so.1`): the next definition in the global scope, else the
+    /// loaded driver by its soname. Never scanned for: the driver is not renamed.
+    Driver,
+}
+
 /// One real function: its name and, once found, its address.
 struct Symbol {
     name: &'static CStr,
+    library: Library,
     addr: AtomicPtr<c_void>,
     warned: AtomicBool,
 }
 
 impl Symbol {
-    const fn new(name: &'static CStr) -> Self {
+    const fn new(name: &'static CStr, library: Library) -> Self {
         Symbol {
             name,
+            library,
             addr: AtomicPtr::new(std::ptr::null_mut()),
             warned: AtomicBool::new(false),
         }
     }
 
-    /// The function's address, or `None` (said once on stderr) when no runtime defines it.
+    /// The function's address, or `None` (said once on stderr) when no loaded library
+    /// defines it.
     fn get(&self) -> Option<*mut c_void> {
         let cached = self.addr.load(Ordering::Acquire);
         if !cached.is_null() {
             return Some(cached);
         }
-        match lookup(self.name) {
+        let found = match self.library {
+            Library::Runtime => lookup(self.name),
+            Library::Driver => lookup_driver(self.name),
+        };
+        match found {
             Some(addr) => {
                 self.addr.store(addr, Ordering::Release);
                 Some(addr)
             }
             None => {
                 if !self.warned.swap(true, Ordering::Relaxed) {
+                    let (library, code) = match self.library {
+                        Library::Runtime => ("runtime", "cudaErrorSharedObjectSymbolNotFound"),
+                        Library::Driver => ("driver", "CUDA_ERROR_SHARED_OBJECT_SYMBOL_NOT_FOUND"),
+                    };
                     kvhygiene::stderr_line(&format!(
-                        "kvhygiene-preload: the CUDA runtime's {} is not loaded in this process; \
-                         calls that need it return cudaErrorSharedObjectSymbolNotFound",
+                        "kvhygiene-preload: the CUDA {library}'s {} is not loaded in this \
+                         process; calls that need it return {code}",
                         self.name.to_string_lossy()
                     ));
                 }
@@ -96,6 +120,26 @@ fn lookup(name: &CStr) -> Option<*mut c_void> {
     by_soname.or_else(|| {
         let handle = scanned_runtime()?;
         // SAFETY: as above: a live handle that is never closed, a NUL-terminated name.
+        let addr = unsafe { libc::dlsym(handle, name.as_ptr()) };
+        (!addr.is_null()).then_some(addr)
+    })
+}
+
+/// A driver function: the next definition after this library in the global scope (the
+/// driver's, when the engine links `libcuda.so.1`), else the loaded driver's by its soname
+/// (a plugin that links the driver was loaded with `dlopen(RTLD_LOCAL)`). Nothing is loaded
+/// here: when no driver is loaded, no caller can hold a pointer of its.
+fn lookup_driver(name: &CStr) -> Option<*mut c_void> {
+    // SAFETY: as in `lookup`: a pseudo-handle valid in any shared object, a NUL-terminated
+    // name that outlives the call.
+    let next = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
+    if !next.is_null() && keep_loaded(next) {
+        return Some(next);
+    }
+    DRIVER_SONAMES.iter().find_map(|soname| {
+        let handle = loaded(soname)?;
+        // SAFETY: a live handle from dlopen, never closed (the address stays valid for the
+        // life of the process); a NUL-terminated name.
         let addr = unsafe { libc::dlsym(handle, name.as_ptr()) };
         (!addr.is_null()).then_some(addr)
     })
@@ -211,13 +255,14 @@ macro_rules! real_functions {
             /// 1. The arguments meet the CUDA runtime's contract for this function (they are
             ///    the caller's own arguments, passed on unchanged, or values built here to it).
             pub(crate) unsafe fn $name($($arg: $ty),*) -> cudaError_t {
-                static SYMBOL: Symbol = Symbol::new({
+                static SYMBOL: Symbol = Symbol::new(
                     // The C name, NUL-terminated at compile time.
                     match CStr::from_bytes_with_nul(concat!(stringify!($name), "\0").as_bytes()) {
                         Ok(name) => name,
                         Err(_) => panic!("symbol names have no interior NUL"),
-                    }
-                });
+                    },
+                    Library::Runtime,
+                );
                 let Some(addr) = SYMBOL.get() else {
                     return SHARED_OBJECT_SYMBOL_NOT_FOUND;
                 };
@@ -269,4 +314,29 @@ real_functions! {
     /// `cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t *handle, void *devPtr)`: the
     /// handle is a 64-byte struct the runtime writes, passed through untouched.
     fn cudaIpcGetMemHandle(handle: *mut c_void, dev_ptr: *mut c_void);
+}
+
+/// `CUresult cuIpcGetMemHandle(CUipcMemHandle *pHandle, CUdeviceptr dptr)`, the driver's: the
+/// handle is a 64-byte struct the driver writes, passed through untouched. Returns
+/// `CUDA_ERROR_SHARED_OBJECT_SYMBOL_NOT_FOUND` (302, the runtime's number for the same error)
+/// when no loaded driver defines it.
+///
+/// # Safety
+/// 1. The arguments meet the CUDA driver's contract for this function (the caller's own,
+///    passed on unchanged).
+pub(crate) unsafe fn cuIpcGetMemHandle(handle: *mut c_void, dptr: u64) -> cudaError_t {
+    static SYMBOL: Symbol = Symbol::new(c"cuIpcGetMemHandle", Library::Driver);
+    let Some(addr) = SYMBOL.get() else {
+        return SHARED_OBJECT_SYMBOL_NOT_FOUND;
+    };
+    // SAFETY: `addr` is the loaded driver's function of this name, whose C signature (from
+    // cuda.h: `CUresult` an enum passed as an int, `CUdeviceptr` an unsigned 64-bit integer)
+    // is the one declared here.
+    let f = unsafe {
+        std::mem::transmute::<*mut c_void, unsafe extern "C" fn(*mut c_void, u64) -> cudaError_t>(
+            addr,
+        )
+    };
+    // SAFETY: the arguments meet the function's contract, by (1).
+    unsafe { f(handle, dptr) }
 }

@@ -629,13 +629,15 @@ fn invalid_frees_through_the_runtime_api_reach_the_forensic_log() {
 #[test]
 fn without_the_interposer_an_exported_buffer_goes_to_the_next_allocation_unchanged() {
     let Some(b) = built() else { return };
-    let r = run(b, "ipc", false, &[]);
-    r.expect(&[
-        ("rc_export", 0),
-        ("real_exports", 2),
-        ("secret_seen", 1),
-        ("exported_blocks", -1),
-    ]);
+    for scenario in ["ipc", "ipc-driver"] {
+        let r = run(b, scenario, false, &[]);
+        r.expect(&[
+            ("rc_export", 0),
+            ("real_exports", 2),
+            ("secret_seen", 1),
+            ("exported_blocks", -1),
+        ]);
+    }
 }
 
 /// An exported block is never pooled: its free scrubs it and returns it to the device, the
@@ -644,9 +646,27 @@ fn without_the_interposer_an_exported_buffer_goes_to_the_next_allocation_unchang
 /// owner's) and never reaches the runtime; the runtime's own memory is its affair.
 #[test]
 fn an_exported_block_is_returned_to_the_device_at_its_free_never_reused() {
+    an_exported_block_is_retired("ipc", "cudaIpcGetMemHandle refused (cudaErrorInvalidValue)");
+}
+
+/// The same for an engine that exports through the driver API (`cuIpcGetMemHandle`).
+#[test]
+fn a_block_exported_through_the_driver_api_is_returned_to_the_device_at_its_free() {
+    an_exported_block_is_retired(
+        "ipc-driver",
+        "cuIpcGetMemHandle refused (CUDA_ERROR_INVALID_VALUE)",
+    );
+}
+
+fn an_exported_block_is_retired(scenario: &str, refusal: &str) {
     let Some(b) = built() else { return };
-    let dir = fresh_log_dir("ipc");
-    let r = run(b, "ipc", true, &[("KVH_LOG_DIR", &dir.to_string_lossy())]);
+    let dir = fresh_log_dir(scenario);
+    let r = run(
+        b,
+        scenario,
+        true,
+        &[("KVH_LOG_DIR", &dir.to_string_lossy())],
+    );
     r.expect(&[
         ("rc_malloc", 0),
         ("rc_export", 0),
@@ -668,12 +688,7 @@ fn an_exported_block_is_returned_to_the_device_at_its_free_never_reused() {
         ("rc_export_runtime", 0),
         ("runtime_export_forwarded", 1),
     ]);
-    assert!(
-        r.stderr
-            .contains("cudaIpcGetMemHandle refused (cudaErrorInvalidValue)"),
-        "{}",
-        r.stderr
-    );
+    assert!(r.stderr.contains(refusal), "{}", r.stderr);
     let text = log_text(&dir);
     let exports = text.matches(r#""kind":"ipc_export""#).count();
     let releases = text.matches(r#""reason":"ipc_exported""#).count();

@@ -144,6 +144,18 @@ int cudaIpcGetMemHandle(void* handle, void* p) {
     return 0;
 }
 
+// The driver API's export (cuIpcGetMemHandle; a CUdeviceptr is a 64-bit integer), as
+// libcuda.so.1 defines it, for an engine that calls the driver directly: the same handle.
+int cuIpcGetMemHandle(void* handle, unsigned long long dptr) {
+    std::lock_guard<std::mutex> g(mu);
+    count("cuIpcGetMemHandle");
+    void* p = reinterpret_cast<void*>(uintptr_t(dptr));
+    if (handle == nullptr || p == nullptr) return 1;  // CUDA_ERROR_INVALID_VALUE
+    std::memset(handle, 0, 64);
+    std::memcpy(handle, &p, sizeof p);
+    return 0;
+}
+
 int cudaGetDevice(int* d) {
     std::lock_guard<std::mutex> g(mu);
     count("cudaGetDevice");

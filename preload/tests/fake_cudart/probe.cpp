@@ -13,7 +13,7 @@
 //        thread-exit | device-reset-during-capture | thread-exit-during-capture |
 //        device-reset-that-fails |
 //        device-reset-that-fails-retired | device-reset-c-api-malloc |
-//        device-reset-then-captured-allocation | device-reset-c-api-free | ipc
+//        device-reset-then-captured-allocation | device-reset-c-api-free | ipc | ipc-driver
 
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -49,6 +49,7 @@ int cudaStreamDestroy(cudaStream_t s);
 int cudaDeviceReset(void);
 int cudaThreadExit(void);
 int cudaIpcGetMemHandle(void* handle, void* p);
+int cuIpcGetMemHandle(void* handle, unsigned long long dptr);
 void fake_cudart_fail_reset(int rc);
 int fake_cudart_calls(const char* name);
 int fake_cudart_last_synced_device(void);
@@ -1069,18 +1070,32 @@ static int scenario_device_reset_c_api_free() {
     return 0;
 }
 
-// An engine that shares a buffer with another process (cudaIpcGetMemHandle), frees it, and
-// allocates the same size again; then exports a freed block, and memory of the runtime's.
-static int scenario_ipc() {
+// One way to export a buffer to another process, and the name the fake counts its calls by.
+struct Exporter {
+    int (*get_handle)(void* handle, void* p);
+    const char* name;
+};
+
+static int export_by_driver(void* handle, void* p) {
+    return cuIpcGetMemHandle(handle, static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(p)));
+}
+
+static const Exporter RUNTIME_EXPORT = {cudaIpcGetMemHandle, "cudaIpcGetMemHandle"};
+static const Exporter DRIVER_EXPORT = {export_by_driver, "cuIpcGetMemHandle"};
+
+// An engine that shares a buffer with another process (`ex`: the runtime's
+// cudaIpcGetMemHandle or the driver's cuIpcGetMemHandle), frees it, and allocates the same
+// size again; then exports a freed block, and memory of the runtime's.
+static int scenario_ipc(const Exporter& ex) {
     const size_t N = 4096;
     unsigned char handle[64];
     void* p = nullptr;
     out("rc_malloc", cudaMalloc(&p, N));
     if (p) fill_secret(p, N);
     // An interior pointer, as an engine exporting a slice of a larger buffer passes.
-    out("rc_export", p ? cudaIpcGetMemHandle(handle, static_cast<char*>(p) + 64) : -1);
-    out("rc_export_again", p ? cudaIpcGetMemHandle(handle, p) : -1);
-    out("real_exports", fake_cudart_calls("cudaIpcGetMemHandle"));
+    out("rc_export", p ? ex.get_handle(handle, static_cast<char*>(p) + 64) : -1);
+    out("rc_export_again", p ? ex.get_handle(handle, p) : -1);
+    out("real_exports", fake_cudart_calls(ex.name));
     out("rc_free", cudaFree(p));
     kvh_sync();
     void* q = nullptr;
@@ -1092,22 +1107,22 @@ static int scenario_ipc() {
 
     // A call without a handle exports nothing (the runtime refuses it): `q` is not marked,
     // and its free pools it as any block's.
-    out("rc_export_no_handle", q ? cudaIpcGetMemHandle(nullptr, q) : -1);
+    out("rc_export_no_handle", q ? ex.get_handle(nullptr, q) : -1);
     // `q`, freed and scrubbed: its export is the next owner's memory.
     out("rc_free_again", cudaFree(q));
     kvh_sync();
     out("exported_blocks_after", kvh_counter("ipc_exported_blocks"));
     out("released_after", kvh_counter("released"));
-    int before = fake_cudart_calls("cudaIpcGetMemHandle");
-    out("rc_export_freed", cudaIpcGetMemHandle(handle, q));
-    out("freed_export_forwarded", fake_cudart_calls("cudaIpcGetMemHandle") - before);
+    int before = fake_cudart_calls(ex.name);
+    out("rc_export_freed", ex.get_handle(handle, q));
+    out("freed_export_forwarded", fake_cudart_calls(ex.name) - before);
 
     // Memory of the runtime's own: its export is the runtime's affair.
     void* m = nullptr;
     out("rc_managed", cudaMallocManaged(&m, N, 1));
-    before = fake_cudart_calls("cudaIpcGetMemHandle");
-    out("rc_export_runtime", cudaIpcGetMemHandle(handle, m));
-    out("runtime_export_forwarded", fake_cudart_calls("cudaIpcGetMemHandle") - before);
+    before = fake_cudart_calls(ex.name);
+    out("rc_export_runtime", ex.get_handle(handle, m));
+    out("runtime_export_forwarded", fake_cudart_calls(ex.name) - before);
     if (m) cudaFree(m);
     out("done", 1);
     return 0;
@@ -1148,7 +1163,8 @@ int main(int argc, char** argv) {
         return scenario_device_reset_that_fails_retired();
     if (std::strcmp(which, "device-reset-c-api-malloc") == 0) return scenario_device_reset_c_api_malloc();
     if (std::strcmp(which, "device-reset-c-api-free") == 0) return scenario_device_reset_c_api_free();
-    if (std::strcmp(which, "ipc") == 0) return scenario_ipc();
+    if (std::strcmp(which, "ipc") == 0) return scenario_ipc(RUNTIME_EXPORT);
+    if (std::strcmp(which, "ipc-driver") == 0) return scenario_ipc(DRIVER_EXPORT);
     if (std::strcmp(which, "device-reset-then-captured-allocation") == 0)
         return scenario_device_reset_then_captured_allocation();
     std::fprintf(stderr, "unknown scenario %s\n", which);
