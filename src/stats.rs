@@ -325,6 +325,18 @@ pub struct Stats {
     /// value, while the counters start again from 0.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub started_at: Option<f64>,
+    /// The eviction gate's policy (set by the allocator), for an integration whose coverage
+    /// depends on it: the vLLM worker refuses a tenant scope beside a KV connector.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_gate: Option<KvGatePolicy>,
+}
+
+/// `kv_gate` of the statistics: `{"mode": "off" | "scrub" | "enforce", "scope": "request" |
+/// "tenant"}`, the policy's `kv_gate` and `kv_gate_scope`.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct KvGatePolicy {
+    pub mode: crate::config::KvGateMode,
+    pub scope: crate::config::KvGateScope,
 }
 
 impl Stats {
@@ -380,6 +392,7 @@ impl Stats {
             anomaly: None,
             config_digest: None,
             started_at: None,
+            kv_gate: None,
         }
     }
 

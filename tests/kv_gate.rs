@@ -3012,3 +3012,25 @@ fn a_block_another_claim_of_the_claimant_was_handed_is_not_handed_over_while_an_
          was handed it without a scrub (x {x:?}, y {y:?})"
     );
 }
+
+/// The statistics carry the gate's policy: integrations whose coverage depends on the scope
+/// read it there (the vLLM worker refuses a tenant scope beside a KV connector that loads).
+#[test]
+fn the_statistics_name_the_gates_mode_and_scope() {
+    for (mode, scope, json) in [
+        (
+            KvGateMode::Enforce,
+            KvGateScope::Tenant,
+            r#""kv_gate":{"mode":"enforce","scope":"tenant"}"#,
+        ),
+        (
+            KvGateMode::Scrub,
+            KvGateScope::Request,
+            r#""kv_gate":{"mode":"scrub","scope":"request"}"#,
+        ),
+    ] {
+        let f = Fixture::new(config(mode, scope));
+        let stats = f.alloc.stats().to_json();
+        assert!(stats.contains(json), "{stats}");
+    }
+}

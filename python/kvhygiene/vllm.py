@@ -53,7 +53,11 @@ request), ``new_block_ids`` and ``num_computed_tokens``):
 Only attribute names are used (no vLLM import): the module is tested against stand-ins with
 those names, not against vLLM itself. With a KV connector, ``num_computed_tokens`` also counts
 the tokens loaded from outside, so the blocks the connector fills, its last one included, are
-taken for prefix hits and not claimed: the gate does not cover them. A request that is given blocks that cannot be
+taken for prefix hits and not claimed: the gate does not cover them, and their ledger still
+names their previous owner. Under ``KVH_KV_GATE_SCOPE=tenant`` that owner's tenant would
+later take such a block back unscrubbed, with the bytes another tenant's request loaded into
+it, so :func:`check_kv_connector` (which the worker calls) refuses a connector that loads
+beside the tenant scope. A request that is given blocks that cannot be
 verified clean must not run: the claim's error propagates.
 """
 
@@ -82,9 +86,17 @@ from . import (
     context,
     refuse_blocks,
     scrub_blocks,
+    stats,
 )
 
-__all__ = ["new_blocks", "claim_scheduled", "context_id", "layouts_of_runner", "VLLM_NULL_BLOCK_ID"]
+__all__ = [
+    "new_blocks",
+    "claim_scheduled",
+    "check_kv_connector",
+    "context_id",
+    "layouts_of_runner",
+    "VLLM_NULL_BLOCK_ID",
+]
 
 #: Longest id, in bytes of UTF-8, the library accepts in a context.
 _MAX_ID_BYTES = 128
@@ -627,6 +639,36 @@ def _shared_in_step(claimed: dict, layouts) -> dict:
 
 #: The reason :func:`claim_scheduled` gives the library for a block shared in one step.
 _SHARED_REASON = "the step gives these blocks as new to more than one request (kvhygiene.vllm)"
+
+
+def check_kv_connector(vllm_config) -> None:
+    """Refuses (``RuntimeError``) a KV connector that may load blocks while the eviction gate
+    keeps tenants, not requests, apart (``KVH_KV_GATE_SCOPE=tenant``).
+
+    A connector writes the blocks it loads without a claim (they count among the request's
+    computed tokens, taken for prefix hits), so the gate's ledger still names each block's
+    previous owner. Under the request scope that owner is another request, and the block's
+    next claim scrubs it. Under the tenant scope, when the previous owner's tenant is given
+    the block again, the claim takes it as the tenant's own, unscrubbed, and that tenant reads
+    what another tenant's request loaded. A producer (``kv_role="kv_producer"``) only reads
+    its blocks and is accepted; a connector of any other or no role is refused unless the
+    library reports the request scope (its statistics' ``kv_gate``)."""
+    transfer = getattr(vllm_config, "kv_transfer_config", None)
+    if transfer is None:
+        return
+    role = getattr(transfer, "kv_role", None)
+    if role == "kv_producer":
+        return
+    scope = (stats().get("kv_gate") or {}).get("scope")
+    if scope == "request":
+        return
+    connector = getattr(transfer, "kv_connector", None)
+    raise RuntimeError(
+        f"kvhygiene: the KV connector {connector!r} (kv_role {role!r}) loads KV blocks without a "
+        f"claim, which the eviction gate's scope {scope or 'unknown'!r} cannot keep apart: a tenant "
+        "given such a block again would read what another tenant's request loaded into it. Run "
+        "with KVH_KV_GATE_SCOPE=request (the default), or without the connector"
+    )
 
 
 def claim_scheduled(

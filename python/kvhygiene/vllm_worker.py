@@ -19,7 +19,8 @@ verified (README, "vLLM"). Once vLLM has set up the KV cache, the worker lays it
 (:func:`kvhygiene.vllm.layouts_of_runner`) and scrubs every block once, so that the gate
 knows each one clean before the first request (``KVH_KV_GATE=enforce`` refuses blocks of
 unknown state); a cache it cannot lay out stops the worker there. Subclass it and override
-:meth:`Worker.tenant_of_request` to claim blocks under a tenant (``KVH_KV_GATE_SCOPE=tenant``).
+:meth:`Worker.tenant_of_request` to claim blocks under a tenant (``KVH_KV_GATE_SCOPE=tenant``;
+refused beside a KV connector that loads blocks, :func:`kvhygiene.vllm.check_kv_connector`).
 
 Importing this module imports vLLM. It is tested against a stand-in of vLLM's worker class,
 not against vLLM itself.
@@ -33,7 +34,7 @@ from typing import Optional
 from vllm.v1.worker.gpu_worker import Worker as _VllmWorker
 
 from . import context, scrub_blocks
-from .vllm import claim_scheduled, context_id, layouts_of_runner
+from .vllm import check_kv_connector, claim_scheduled, context_id, layouts_of_runner
 
 __all__ = ["Worker"]
 
@@ -46,6 +47,9 @@ class Worker(_VllmWorker):
     def initialize_from_config(self, kv_cache_config) -> None:
         super().initialize_from_config(kv_cache_config)
         layouts, block_sizes = layouts_of_runner(self.model_runner)
+        # A KV connector that loads blocks writes them without a claim: refused under the
+        # tenant scope, which that would defeat (check_kv_connector says why).
+        check_kv_connector(getattr(self, "vllm_config", None))
         # Every group shares one layout (one block pool); scrubbing it all makes each block
         # verified clean and ownerless, the state the gate hands blocks over from. A model
         # with no KV cache has nothing to scrub or claim.

@@ -522,3 +522,43 @@ def test_under_decode_context_parallel_a_spec_without_dcp_sharded_counts_the_sch
     assert not hasattr(runner.kv_cache_config.kv_cache_groups[0].kv_cache_spec, "dcp_sharded")
     _, sizes = layouts_of_runner(runner)
     assert sizes == [32], f"scheduler block sizes {sizes}: a DCP-sharded attention group counted per rank"
+
+
+def test_the_library_reports_the_gates_scope_the_connector_check_reads(memory):
+    memory(64)  # started
+    assert kvhygiene.stats()["kv_gate"]["scope"] in ("request", "tenant")
+
+
+@pytest.mark.parametrize(
+    "transfer, scope, refused",
+    [
+        (None, "tenant", False),  # no connector
+        (NS(kv_connector="LMCacheConnectorV1", kv_role="kv_both"), "tenant", True),
+        (NS(kv_connector="NixlConnector", kv_role="kv_consumer"), "tenant", True),
+        (NS(kv_connector="Custom"), "tenant", True),  # no role: may load
+        (NS(kv_connector="NixlConnector", kv_role="kv_producer"), "tenant", False),  # reads only
+        (NS(kv_connector="LMCacheConnectorV1", kv_role="kv_both"), "request", False),
+        (NS(kv_connector="LMCacheConnectorV1", kv_role="kv_both"), None, True),  # scope unknown
+    ],
+)
+def test_a_kv_connector_that_loads_is_refused_beside_the_tenant_scope(vllm_worker, memory, monkeypatch, transfer, scope, refused):
+    # A connector writes the blocks it loads without a claim, so the ledger keeps naming their
+    # previous owner: under the tenant scope that tenant would get such a block back
+    # unscrubbed, holding what another tenant's request loaded. The worker stops at set-up.
+    import kvhygiene.vllm as vllm
+
+    real = kvhygiene.stats
+
+    def stats_with_scope():
+        s = dict(real())
+        s["kv_gate"] = None if scope is None else {"mode": "scrub", "scope": scope}
+        return s
+
+    monkeypatch.setattr(vllm, "stats", stats_with_scope)
+    worker, _, _ = _worker(vllm_worker, memory)
+    worker.vllm_config = NS(kv_transfer_config=transfer)
+    if refused:
+        with pytest.raises(RuntimeError, match="KVH_KV_GATE_SCOPE=request"):
+            worker.initialize_from_config(NS())
+    else:
+        worker.initialize_from_config(NS())

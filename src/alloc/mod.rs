@@ -1355,8 +1355,17 @@ impl Allocator {
             .clone();
         let mut stats = Stats::merge(self.inner.backend.kind().to_string(), &pools, err);
         stats.started_at = Some(self.inner.started_at);
+        stats.kv_gate = Some(self.kv_gate_policy());
         stats.shut_down = self.is_shut_down();
         stats
+    }
+
+    /// The eviction gate's policy, as the statistics carry it.
+    fn kv_gate_policy(&self) -> crate::stats::KvGatePolicy {
+        crate::stats::KvGatePolicy {
+            mode: self.inner.config.kv_gate,
+            scope: self.inner.config.kv_gate_scope,
+        }
     }
 
     /// As [`Allocator::stats`], without waiting for a lock: `None` while one is held (a
@@ -1381,6 +1390,7 @@ impl Allocator {
         let err = taken(&self.inner.async_error)?.clone();
         let mut stats = Stats::merge(self.inner.backend.kind().to_string(), &pools, err);
         stats.started_at = Some(self.inner.started_at);
+        stats.kv_gate = Some(self.kv_gate_policy());
         stats.shut_down = self.is_shut_down();
         Some(stats)
     }
