@@ -742,6 +742,9 @@ impl FileRoutes {
         };
         gone.iter()
             .filter_map(|(_, file)| {
+                if written_before(file, now, max) {
+                    return None;
+                }
                 let snap = load_at(file, now).ok()?;
                 (snap.age_seconds(now) <= max as f64).then(|| (file.display().to_string(), snap))
             })
@@ -783,6 +786,19 @@ impl http::Routes for FileRoutes {
             None => Response::text(503, UNAVAILABLE_BODY),
         }
     }
+}
+
+/// Whether `file` was last modified more than `max_age` seconds before `now`. A snapshot is
+/// dated before its file is written, so such a file's snapshot is older still: the last
+/// words of processes long gone (nothing removes their files, and every restart leaves one)
+/// are left out by a `stat` instead of a read and parse each at every scrape. A file whose
+/// time cannot be read is not judged here.
+fn written_before(file: &Path, now: SystemTime, max_age: u64) -> bool {
+    std::fs::metadata(file)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|modified| now.duration_since(modified).ok())
+        .is_some_and(|age| age > Duration::from_secs(max_age))
 }
 
 /// Runs `serve-metrics` until SIGTERM or SIGINT (then 0), or returns a start-up error's status.
@@ -913,6 +929,31 @@ impl StopSignals {
 mod tests {
     use super::*;
     use crate::metrics::encode::SERIES;
+
+    #[test]
+    fn a_file_is_judged_written_too_long_ago_by_its_modification_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kvh-1.prom");
+        std::fs::write(&file, "").unwrap();
+        let now = SystemTime::now();
+        assert!(!written_before(&file, now, 30), "a file just written");
+        let hour_ago = now - Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(hour_ago)
+            .unwrap();
+        assert!(written_before(&file, now, 30));
+        assert!(
+            !written_before(&file, now, 7200),
+            "within a longer --max-age"
+        );
+        assert!(
+            !written_before(&dir.path().join("gone.prom"), now, 30),
+            "a file whose time cannot be read is not judged by it"
+        );
+    }
 
     #[test]
     fn a_report_of_refusals_counts_those_since_the_last_one() {
