@@ -11,6 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
 use forensic_common::*;
+use kvhygiene::events::EventSink;
 use kvhygiene::forensic::ForensicLog;
 use mounted::Mounted;
 
@@ -561,4 +562,63 @@ fn a_log_with_a_large_summary_written_before_the_bound_still_verifies() {
     assert!(fs::metadata(&files[0]).unwrap().len() > 8 << 20);
     let r = verify(&dir, &keyed_opts());
     assert!(r.ok(), "{:?}", r.first_problem());
+}
+
+/// A disk that fills and stays full until the log stops: the records it refuses are counted
+/// lost, and the `lost` and `stop` records that say so still land, in the room the writer
+/// keeps for them. Before, a run that ended on a full disk left its losses recorded nowhere
+/// in the log: no `lost` record, no `stop` record, a chain that read as a crash.
+#[test]
+fn a_disk_full_until_stop_still_gets_the_records_that_describe_the_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mount = tmp.path().join("fs");
+    fs::create_dir(&mount).unwrap();
+    let Some(_small) = Mounted::tmpfs(&mount, "256k", "") else {
+        return;
+    };
+    let dir = mount.join("log");
+    let log = ForensicLog::open_with_secret(&cfg(&dir, 1 << 30), start(), Some(secret())).unwrap();
+    let mut i = 0;
+    while log.stats().records_lost == 0 && i < 100_000 {
+        log.emit(event(i));
+        i += 1;
+        if i % 32 == 0 {
+            log.flush();
+        }
+    }
+    assert!(log.stats().records_lost > 0, "the disk never filled");
+    // More while it stays full, then the end of the run.
+    for j in 0..64 {
+        log.emit(event(i + j));
+    }
+    log.flush();
+    log.stop();
+    let s = log.stats();
+    let r = verify(&dir, &keyed_opts());
+    assert!(r.ok(), "{r:?}");
+    assert!(r.chains[0].closed, "no stop record: {r:?}");
+    let text = fs::read_to_string(&chain_files(&dir)[0]).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let n = records.len();
+    let (lost, stop) = (&records[n - 2], &records[n - 1]);
+    assert_eq!(
+        (lost["kind"].as_str(), stop["kind"].as_str()),
+        (Some("lost"), Some("stop")),
+        "{lost}\n{stop}"
+    );
+    // Every loss of the run is in the log: the `lost` record's, and the stop record's total.
+    assert_eq!(
+        lost["records_lost"].as_u64(),
+        Some(s.records_lost),
+        "{lost}\n{s:?}"
+    );
+    assert_eq!(
+        stop["records_lost"].as_u64(),
+        Some(s.records_lost),
+        "{stop}"
+    );
 }

@@ -59,6 +59,9 @@ pub(crate) struct ChainWriter {
     file: ForkClosed<File>,
     /// Bytes of the active file known to be written.
     file_len: u64,
+    /// How far the active file's disk space is allocated ahead of its end (`make_room`):
+    /// an offset, 0 when nothing is known allocated.
+    reserved_to: u64,
     max_bytes: u64,
     key: Option<EpochKey>,
     /// The id of the chain's HMAC secret, written into every checkpoint.
@@ -236,6 +239,7 @@ impl ChainWriter {
             index,
             file: ForkClosed::new(file),
             file_len,
+            reserved_to: 0,
             max_bytes: cfg.max_bytes.max(4096),
             key,
             key_id,
@@ -372,6 +376,12 @@ impl ChainWriter {
                 "cannot write the first signed checkpoint: {e}"
             )));
         }
+        // From here on files rotate within the file size limit. The first records went
+        // where the configured size put them: a chain taken over stays in its file, whose
+        // end recovery judged, and a start-up that could not write there failed (as on a
+        // full disk) rather than leave the chain. Files this writer rotates stay under the
+        // limit by `FINAL_ROOM`, so the next start-up's records fit after a crash.
+        w.max_bytes = within_file_size_limit(w.max_bytes);
         w.measure_room();
         Ok(w)
     }
@@ -749,9 +759,50 @@ impl ChainWriter {
     fn write_buffer(&mut self) -> io::Result<()> {
         // A failed write may have left part of a line: cut back to the last good byte.
         self.cut_torn_tail()?;
+        self.make_room()?;
         self.write_with_faults()?;
         self.commit_written();
         Ok(())
+    }
+
+    /// Makes sure the disk has room for the buffer and, after it, for the records that
+    /// describe a loss and close the chain (`lost`, `stop`: [`FINAL_ROOM`]), before anything
+    /// is written: on a disk that fills, the records that would take that room are refused
+    /// (and counted lost, as any failed write's), while the room stays for the records that
+    /// say so, which use it. Otherwise a disk full until the process ends would leave the
+    /// losses recorded nowhere in the log. The room is allocated ahead by
+    /// [`ROOM_AHEAD`] (`fallocate`, keeping the file's size: [`files::reserve`]), so that a
+    /// record costs no call; within the file size limit (`RLIMIT_FSIZE`), a write past which
+    /// would kill the process (`SIGXFSZ`). A file system without `fallocate` is not asked.
+    fn make_room(&mut self) -> io::Result<()> {
+        let len = self.buf.len() as u64;
+        let keep = if self.holds_records_before_the_last() {
+            FINAL_ROOM
+        } else {
+            0
+        };
+        let needed = self.file_len + len + keep;
+        if needed <= self.reserved_to {
+            return Ok(());
+        }
+        let ahead = needed + ROOM_AHEAD;
+        if files::reserve(&self.file, self.file_len, ahead - self.file_len).is_ok() {
+            self.reserved_to = ahead;
+            return Ok(());
+        }
+        files::reserve(&self.file, self.file_len, needed - self.file_len)?;
+        self.reserved_to = needed;
+        Ok(())
+    }
+
+    /// Whether the buffer holds a record other than those that describe a loss and close the
+    /// chain (and a new file's `rotate` link, rebuilt after a failed write): such records
+    /// leave [`FINAL_ROOM`] free after them.
+    fn holds_records_before_the_last(&self) -> bool {
+        let relink = self.at_fresh_file();
+        self.buf_kinds
+            .iter()
+            .any(|&k| !(k == "lost" || k == "stop" || (relink && k == "rotate")))
     }
 
     /// The books after the buffer's records landed in the file, whole.
@@ -793,6 +844,9 @@ impl ChainWriter {
 
     fn overwrite_torn_tail(&self, torn: &[u8]) -> io::Result<()> {
         let at = self.file_len;
+        // Within the file size limit and with the disk's room for the part past the tail,
+        // or not at all: the file is then as it was.
+        files::reserve(&self.file, at, self.buf.len() as u64)?;
         let (landed, written) = write_counted_at(&self.file, &self.buf, at);
         let written = written.and_then(|()| {
             if self.buf.len() < torn.len() {
@@ -829,9 +883,11 @@ impl ChainWriter {
     /// Cuts the bytes a failed write left after the last whole record, when it left any. A
     /// file without such bytes is not touched: an append-only file (`chattr +a`) refuses
     /// any truncation, even to its own length, and must still take the next write.
-    fn cut_torn_tail(&self) -> io::Result<()> {
+    fn cut_torn_tail(&mut self) -> io::Result<()> {
         let on_disk = self.file.metadata()?.len();
         if on_disk > self.file_len {
+            // A cut frees the blocks allocated past the new end too.
+            self.reserved_to = 0;
             self.file.set_len(self.file_len)?;
         }
         Ok(())
@@ -1016,10 +1072,8 @@ impl ChainWriter {
         if self.fsync != FsyncPolicy::Never {
             self.sync();
         }
-        let file = match self
-            .log_dir
-            .create_file(&files::file_name(&self.chain, self.index + 1))
-        {
+        let next = files::file_name(&self.chain, self.index + 1);
+        let file = match self.log_dir.create_file(&next) {
             Ok(f) => f,
             Err(e) => {
                 self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
@@ -1027,9 +1081,22 @@ impl ChainWriter {
                 return Err(e);
             }
         };
+        // The new file must hold its `rotate` link and the records that close the chain
+        // before the chain moves there (`make_room`): on a disk too full for that, it stays
+        // in this file, whose room is kept, and the new file goes.
+        let room = ROTATE_ROOM + FINAL_ROOM;
+        if let Err(e) = files::reserve(&file, 0, room) {
+            drop(file);
+            let _ = self.log_dir.remove(&next);
+            let e = files::io_err(&self.dir.join(&next), "no room for the next file", e);
+            self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
+            *lock(&self.shared.last_error) = Some(e.to_string());
+            return Err(e);
+        }
         self.file = ForkClosed::new(file); // the old file (and its lock) is released here
         self.index += 1;
         self.file_len = 0;
+        self.reserved_to = room;
         // Whatever rotated (the check, or a record that did not fit), the chain has left a
         // file found gone.
         if std::mem::take(&mut self.file_gone) {
@@ -1329,6 +1396,36 @@ impl ChainWriter {
         self.sync();
         let _ = self.checkpoint();
     }
+}
+
+/// Room kept free after the records written, for the `lost` and `stop` records that describe
+/// a loss and close the chain (each well under 1 KiB: their fields are counts and names).
+const FINAL_ROOM: u64 = 4096;
+
+/// Room a new file is given for its `rotate` link (a few hundred bytes) before the chain
+/// moves there.
+const ROTATE_ROOM: u64 = 1024;
+
+/// How far ahead of the records written the disk space is allocated, so that a record costs
+/// no `fallocate` call: a file keeps at most this much unused past its end.
+const ROOM_AHEAD: u64 = 64 << 10;
+
+/// `max_bytes`, lowered to leave [`FINAL_ROOM`] within the process's file size limit
+/// (`RLIMIT_FSIZE`, `ulimit -f`) when that is lower: a write past the limit kills the process
+/// (`SIGXFSZ`), and one refused before it would leave the file never rotated, every later
+/// record lost. Not below 4096, the smallest file size taken; under a limit that low, writes
+/// are refused ([`files::reserve`]) and counted lost.
+fn within_file_size_limit(max_bytes: u64) -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the limit into `limit`, a valid rlimit owned by this frame.
+    let known = unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit) } == 0;
+    if !known || limit.rlim_cur == libc::RLIM_INFINITY {
+        return max_bytes;
+    }
+    max_bytes.min(limit.rlim_cur.saturating_sub(FINAL_ROOM).max(4096))
 }
 
 /// How long the writer's last writes (`lost` and `stop` records) are tried again at `stop`

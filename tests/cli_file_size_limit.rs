@@ -1,0 +1,51 @@
+//! The forensic log under a file size limit (`RLIMIT_FSIZE`, `ulimit -f`) below its
+//! `KVH_LOG_MAX_BYTES`: a write past the limit kills the process (`SIGXFSZ`, shell status
+//! 153), and a process that died so left a torn tail its next start-up died on in turn. The
+//! writer rotates its files within the limit instead.
+
+mod cli_common;
+
+use std::os::unix::process::CommandExt;
+
+use cli_common::{host_demo, kvh, run};
+
+const LIMIT: u64 = 32 << 10;
+
+#[test]
+fn a_file_size_limit_below_the_log_size_rotates_the_files_within_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("log");
+    let mut demo = host_demo(4, 24);
+    demo.arg("--log-dir")
+        .arg(&log)
+        .env("KVH_LOG_MAX_BYTES", "1048576");
+    // SAFETY: the closure runs in the forked child before exec and makes one
+    // async-signal-safe call (setrlimit) on a value owned by the closure.
+    unsafe {
+        demo.pre_exec(|| {
+            let r = libc::rlimit {
+                rlim_cur: LIMIT,
+                rlim_max: LIMIT,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (code, out, err) = run(&mut demo);
+    assert_eq!(
+        code, 0,
+        "the demo under a {LIMIT}-byte file size limit: {out}\n{err}"
+    );
+    let files: Vec<u64> = std::fs::read_dir(&log)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".jsonl"))
+        .map(|e| e.metadata().unwrap().len())
+        .collect();
+    assert!(files.len() > 1, "the log was not rotated: {files:?}");
+    assert!(files.iter().all(|&n| n <= LIMIT), "{files:?}");
+    let (code, out, err) = run(kvh().arg("verify-log").arg(&log));
+    assert_eq!(code, 0, "{out}\n{err}");
+}
