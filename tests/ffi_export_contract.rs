@@ -200,6 +200,16 @@ fn a_second_kvh_shutdown_does_not_refresh_the_metrics_file() {
     );
 }
 
+/// In a child: one `kvh_malloc` of 4 KiB, its result printed as `RETURNED null=B code=N`.
+fn print_malloc_result() {
+    let p = ffi::kvh_malloc(4096, 0, std::ptr::null_mut());
+    println!(
+        "RETURNED null={} code={}",
+        p.is_null(),
+        ffi::kvh_last_error()
+    );
+}
+
 /// `KVH_OOM` is read whatever its case, as the policy reads it: `NULL` asks for NULL also when
 /// another variable is invalid and no policy was read. A C caller that cannot take a C++
 /// exception must get NULL and `KVH_ERR_CONFIG`, not an exception unwinding through it.
@@ -207,13 +217,7 @@ fn a_second_kvh_shutdown_does_not_refresh_the_metrics_file() {
 fn null_mode_in_upper_case_holds_when_another_variable_is_invalid() {
     let name = "null_mode_in_upper_case_holds_when_another_variable_is_invalid";
     if in_child() {
-        let p = ffi::kvh_malloc(4096, 0, std::ptr::null_mut());
-        println!(
-            "RETURNED null={} code={}",
-            p.is_null(),
-            ffi::kvh_last_error()
-        );
-        return;
+        return print_malloc_result();
     }
     let (ok, stdout, stderr) = child(name, &[("KVH_OOM", "NULL"), ("KVH_BATCH_SIZE", "0")]);
     assert!(
@@ -232,13 +236,7 @@ fn null_mode_in_upper_case_holds_when_another_variable_is_invalid() {
 fn null_mode_from_the_config_file_holds_when_an_environment_variable_is_invalid() {
     let name = "null_mode_from_the_config_file_holds_when_an_environment_variable_is_invalid";
     if in_child() {
-        let p = ffi::kvh_malloc(4096, 0, std::ptr::null_mut());
-        println!(
-            "RETURNED null={} code={}",
-            p.is_null(),
-            ffi::kvh_last_error()
-        );
-        return;
+        return print_malloc_result();
     }
     let dir = scratch("oom-file");
     let config = dir.join("kvh.toml");
@@ -291,13 +289,7 @@ fn kvh_stats_json_reports_a_start_up_failure_as_its_last_error() {
 fn null_mode_from_a_config_file_completed_by_the_environment_holds_when_a_variable_is_invalid() {
     let name = "null_mode_from_a_config_file_completed_by_the_environment_holds_when_a_variable_is_invalid";
     if in_child() {
-        let p = ffi::kvh_malloc(4096, 0, std::ptr::null_mut());
-        println!(
-            "RETURNED null={} code={}",
-            p.is_null(),
-            ffi::kvh_last_error()
-        );
-        return;
+        return print_malloc_result();
     }
     let dir = scratch("oom-file-split");
     let config = dir.join("kvh.toml");
@@ -463,13 +455,7 @@ fn kvh_shutdown_returns_in_a_child_forked_while_the_parent_shuts_down() {
 fn null_mode_from_a_config_file_holds_when_another_key_of_the_file_is_invalid() {
     let name = "null_mode_from_a_config_file_holds_when_another_key_of_the_file_is_invalid";
     if in_child() {
-        let p = ffi::kvh_malloc(4096, 0, std::ptr::null_mut());
-        println!(
-            "RETURNED null={} code={}",
-            p.is_null(),
-            ffi::kvh_last_error()
-        );
-        return;
+        return print_malloc_result();
     }
     let dir = scratch("oom-file-invalid-key");
     let config = dir.join("kvh.toml");
