@@ -704,6 +704,18 @@ fn check_owner_mode(
     Ok(())
 }
 
+/// The process's file size limit (`RLIMIT_FSIZE`, `ulimit -f`) in bytes; `None` when there is
+/// none (or it cannot be read). A write past it kills the process (`SIGXFSZ`).
+pub fn file_size_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the limit into `limit`, a valid rlimit owned by this frame.
+    let known = unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit) } == 0;
+    (known && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
+}
+
 /// Makes sure `len` bytes can be written at `offset` of `file` before any is: within the
 /// process's file size limit (`RLIMIT_FSIZE`) and, where the file system can say, with the
 /// disk space allocated (`fallocate`, keeping the file's size, which an append-only file
@@ -712,13 +724,7 @@ fn check_owner_mode(
 pub fn reserve(file: &File, offset: u64, len: u64) -> io::Result<()> {
     let too_large = || io::Error::from_raw_os_error(libc::EFBIG);
     let end = offset.checked_add(len).ok_or_else(too_large)?;
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes the limit into `limit`, a valid rlimit owned by this frame.
-    let known = unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit) } == 0;
-    if known && limit.rlim_cur != libc::RLIM_INFINITY && end > limit.rlim_cur {
+    if file_size_limit().is_some_and(|limit| end > limit) {
         return Err(too_large());
     }
     let (Ok(at), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {

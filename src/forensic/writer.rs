@@ -1416,16 +1416,10 @@ const ROOM_AHEAD: u64 = 64 << 10;
 /// record lost. Not below 4096, the smallest file size taken; under a limit that low, writes
 /// are refused ([`files::reserve`]) and counted lost.
 fn within_file_size_limit(max_bytes: u64) -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes the limit into `limit`, a valid rlimit owned by this frame.
-    let known = unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit) } == 0;
-    if !known || limit.rlim_cur == libc::RLIM_INFINITY {
-        return max_bytes;
+    match files::file_size_limit() {
+        Some(limit) => max_bytes.min(limit.saturating_sub(FINAL_ROOM).max(4096)),
+        None => max_bytes,
     }
-    max_bytes.min(limit.rlim_cur.saturating_sub(FINAL_ROOM).max(4096))
 }
 
 /// How long the writer's last writes (`lost` and `stop` records) are tried again at `stop`
