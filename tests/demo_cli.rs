@@ -224,16 +224,19 @@ fn an_unwritable_metrics_file_is_reported_as_the_metrics_file_option() {
     );
 }
 
-/// Lets the demo's files hold the start record and a few more, not the whole run (the disk
-/// fills up): a write beyond 3000 bytes fails with EFBIG instead of killing the process.
+/// Lets the demo's log hold its start record and the room the writer keeps after its records
+/// (4 KiB, for the `lost` and `stop` records), not the whole run, nor a second file (the
+/// writer gives a new file room for its link and those records, 5 KiB, before the chain
+/// moves there): the disk fills up. A write past 4900 bytes fails with EFBIG instead of
+/// killing the process.
 fn limit_file_size(cmd: &mut std::process::Command) {
     // SAFETY: only async-signal-safe calls (signal, setrlimit) between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
             libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
             let limit = libc::rlimit {
-                rlim_cur: 3000,
-                rlim_max: 3000,
+                rlim_cur: 4900,
+                rlim_max: 4900,
             };
             if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
                 return Err(std::io::Error::last_os_error());
