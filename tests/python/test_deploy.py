@@ -640,6 +640,59 @@ def test_metrics_file_port_and_scrape_settings_agree():
     assert svc["selector"].items() <= labels.items()
 
 
+def ingress_policies_of(labels: dict) -> list:
+    """The NetworkPolicies whose podSelector selects pods with these labels for Ingress."""
+    out = []
+    for _, o in objects():
+        if o["kind"] != "NetworkPolicy":
+            continue
+        spec = o["spec"]
+        selector = spec["podSelector"]
+        assert set(selector) <= {"matchLabels"}, f"{o['metadata']['name']}: only matchLabels is checked here"
+        types = spec.get("policyTypes", ["Ingress"])
+        if selector.get("matchLabels", {}).items() <= labels.items() and "Ingress" in types:
+            out.append(o)
+    return out
+
+
+def test_the_network_policy_admits_the_pods_ports_and_the_metrics_port_only_from_prometheus():
+    """A pod selected for Ingress admits only what some rule allows: every port the pod
+    declares must be admitted (or applying the kustomization cuts the server off), and the
+    metrics port only from selected pods of a selected namespace, never from everywhere."""
+    template = the("Deployment", "inference-server")["spec"]["template"]
+    policies = ingress_policies_of(template["metadata"]["labels"])
+    assert policies, "no NetworkPolicy restricts who may connect to the inference server's pods"
+    for p in policies:
+        assert "Egress" not in p["spec"].get("policyTypes", []), (
+            f"{p['metadata']['name']} restricts egress: the server may need to fetch models"
+        )
+    rules = [r for p in policies for r in p["spec"].get("ingress", [])]
+
+    def admits(rule, port):
+        listed = rule.get("ports")
+        return not listed or any(
+            q.get("port") in (port["name"], port["containerPort"])
+            and q.get("protocol", "TCP") == port.get("protocol", "TCP")
+            for q in listed
+        )
+
+    ports = [p for c in template["spec"]["containers"] for p in c.get("ports", [])]
+    assert {p["name"] for p in ports} >= {"http", "kvh-metrics"}, ports
+    for port in ports:
+        assert any(admits(r, port) for r in rules), f"no rule admits the pod's port {port}"
+    (metrics,) = [p for p in ports if p["name"] == "kvh-metrics"]
+    for rule in (r for r in rules if admits(r, metrics)):
+        peers = rule.get("from")
+        assert peers, f"a rule admits the metrics port from everywhere: {rule}"
+        for peer in peers:
+            assert "ipBlock" not in peer, f"the metrics port is admitted from addresses: {peer}"
+            for selector in ("namespaceSelector", "podSelector"):
+                assert peer.get(selector, {}).get("matchLabels"), (
+                    f"the metrics port is admitted from a peer without a {selector} that "
+                    f"names labels (an empty one selects everything): {peer}"
+                )
+
+
 def test_build_release_refuses_bad_outdirs_before_building(tmp_path):
     script = str(ROOT / "scripts/build-release.sh")
 
