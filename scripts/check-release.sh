@@ -72,11 +72,13 @@ if command -v readelf >/dev/null; then
     defined() { readelf --dyn-syms --wide "$1" | awk '$7 != "UND" {print $8}' | sed 's/@.*//' | sort -u; }
     defined "$dist/lib/libkvhygiene_preload.so" >"$work/preload.syms"
     for sym in cudaMalloc cudaMallocPitch cudaMallocAsync cudaFree cudaFreeAsync cudaStreamDestroy cudaDeviceReset cudaThreadExit \
-        cudaIpcGetMemHandle cuIpcGetMemHandle; do
+        cudaIpcGetMemHandle cuIpcGetMemHandle cuGetProcAddress cuGetProcAddress_v2 \
+        cudaGetDriverEntryPoint cudaGetDriverEntryPoint_ptsz cudaGetDriverEntryPointByVersion \
+        cudaGetDriverEntryPointByVersion_ptsz; do
         grep -qx "$sym" "$work/preload.syms" ||
             die "lib/libkvhygiene_preload.so does not define $sym: an LD_PRELOAD of it would interpose nothing"
     done
-    if defined "$dist/lib/libkvhygiene.so" | grep -qx 'cudaMalloc\|cudaFree\|cuIpcGetMemHandle'; then
+    if defined "$dist/lib/libkvhygiene.so" | grep -qx 'cudaMalloc\|cudaFree\|cuIpcGetMemHandle\|cuGetProcAddress'; then
         die "lib/libkvhygiene.so defines the CUDA interposers: the two libraries are swapped or mixed"
     fi
 

@@ -25,7 +25,7 @@
 
 #![allow(non_snake_case)] // the functions carry the CUDA runtime's names
 
-use std::ffi::{c_int, c_void, CStr, CString};
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
 use crate::cuda::{cudaError_t, cudaStream_t, SHARED_OBJECT_SYMBOL_NOT_FOUND};
@@ -69,9 +69,9 @@ impl Symbol {
         }
     }
 
-    /// The function's address, or `None` (said once on stderr) when no loaded library
-    /// defines it.
-    fn get(&self) -> Option<*mut c_void> {
+    /// The function's address, or `None` when no loaded library defines it (said nowhere:
+    /// for a caller that only compares addresses).
+    fn find(&self) -> Option<*mut c_void> {
         let cached = self.addr.load(Ordering::Acquire);
         if !cached.is_null() {
             return Some(cached);
@@ -79,12 +79,16 @@ impl Symbol {
         let found = match self.library {
             Library::Runtime => lookup(self.name),
             Library::Driver => lookup_driver(self.name),
-        };
-        match found {
-            Some(addr) => {
-                self.addr.store(addr, Ordering::Release);
-                Some(addr)
-            }
+        }?;
+        self.addr.store(found, Ordering::Release);
+        Some(found)
+    }
+
+    /// The function's address, or `None` (said once on stderr) when no loaded library
+    /// defines it.
+    fn get(&self) -> Option<*mut c_void> {
+        match self.find() {
+            Some(addr) => Some(addr),
             None => {
                 if !self.warned.swap(true, Ordering::Relaxed) {
                     let (library, code) = match self.library {
@@ -314,6 +318,19 @@ real_functions! {
     /// `cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t *handle, void *devPtr)`: the
     /// handle is a 64-byte struct the runtime writes, passed through untouched.
     fn cudaIpcGetMemHandle(handle: *mut c_void, dev_ptr: *mut c_void);
+    /// `cudaError_t cudaGetDriverEntryPoint(const char *symbol, void **funcPtr, unsigned long
+    /// long flags, cudaDriverEntryPointQueryResult *driverStatus)` (CUDA 12; CUDA 11 has no
+    /// `driverStatus`, and its runtime ignores the fourth argument passed on here).
+    fn cudaGetDriverEntryPoint(symbol: *const c_char, func_ptr: *mut *mut c_void, flags: u64, driver_status: *mut c_int);
+    /// `cudaGetDriverEntryPoint` of translation units built with `--default-stream per-thread`.
+    fn cudaGetDriverEntryPoint_ptsz(symbol: *const c_char, func_ptr: *mut *mut c_void, flags: u64, driver_status: *mut c_int);
+    /// `cudaError_t cudaGetDriverEntryPointByVersion(const char *symbol, void **funcPtr,
+    /// unsigned int cudaVersion, unsigned long long flags, cudaDriverEntryPointQueryResult
+    /// *driverStatus)` (CUDA 12.5 and later).
+    fn cudaGetDriverEntryPointByVersion(symbol: *const c_char, func_ptr: *mut *mut c_void, cuda_version: c_uint, flags: u64, driver_status: *mut c_int);
+    /// `cudaGetDriverEntryPointByVersion` of translation units built with `--default-stream
+    /// per-thread`.
+    fn cudaGetDriverEntryPointByVersion_ptsz(symbol: *const c_char, func_ptr: *mut *mut c_void, cuda_version: c_uint, flags: u64, driver_status: *mut c_int);
 }
 
 /// `CUresult cuIpcGetMemHandle(CUipcMemHandle *pHandle, CUdeviceptr dptr)`, the driver's: the
@@ -339,4 +356,96 @@ pub(crate) unsafe fn cuIpcGetMemHandle(handle: *mut c_void, dptr: u64) -> cudaEr
     };
     // SAFETY: the arguments meet the function's contract, by (1).
     unsafe { f(handle, dptr) }
+}
+
+/// The driver's `cuGetProcAddress` (CUDA 11.3, four arguments; `_v2` since CUDA 12 adds a
+/// fifth), whose address a lookup may hand out: [`driver_lookup_at`] tells them apart.
+static CU_GET_PROC_ADDRESS: Symbol = Symbol::new(c"cuGetProcAddress", Library::Driver);
+static CU_GET_PROC_ADDRESS_V2: Symbol = Symbol::new(c"cuGetProcAddress_v2", Library::Driver);
+
+/// Which of the driver's lookups an address is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DriverLookup {
+    /// `cuGetProcAddress`: `(symbol, pfn, cudaVersion, flags)`.
+    V1,
+    /// `cuGetProcAddress_v2`: `(symbol, pfn, cudaVersion, flags, symbolStatus)`.
+    V2,
+}
+
+/// The driver lookup at `addr`, if it is the loaded driver's `cuGetProcAddress` or
+/// `cuGetProcAddress_v2`; `None` for any other address, and when no driver is loaded.
+pub(crate) fn driver_lookup_at(addr: *mut c_void) -> Option<DriverLookup> {
+    if addr.is_null() {
+        return None;
+    }
+    if CU_GET_PROC_ADDRESS.find() == Some(addr) {
+        return Some(DriverLookup::V1);
+    }
+    (CU_GET_PROC_ADDRESS_V2.find() == Some(addr)).then_some(DriverLookup::V2)
+}
+
+/// `CUresult cuGetProcAddress(const char *symbol, void **pfn, int cudaVersion, cuuint64_t
+/// flags)`, the driver's. Returns `CUDA_ERROR_SHARED_OBJECT_SYMBOL_NOT_FOUND` (302) when no
+/// loaded driver defines it.
+///
+/// # Safety
+/// 1. The arguments meet the CUDA driver's contract for this function (the caller's own,
+///    passed on unchanged).
+pub(crate) unsafe fn cuGetProcAddress(
+    symbol: *const c_char,
+    pfn: *mut *mut c_void,
+    cuda_version: c_int,
+    flags: u64,
+) -> cudaError_t {
+    let Some(addr) = CU_GET_PROC_ADDRESS.get() else {
+        return SHARED_OBJECT_SYMBOL_NOT_FOUND;
+    };
+    // SAFETY: `addr` is the loaded driver's function of this name, whose C signature (from
+    // cuda.h: `CUresult` an enum passed as an int, `cuuint64_t` an unsigned 64-bit integer)
+    // is the one declared here.
+    let f = unsafe {
+        std::mem::transmute::<
+            *mut c_void,
+            unsafe extern "C" fn(*const c_char, *mut *mut c_void, c_int, u64) -> cudaError_t,
+        >(addr)
+    };
+    // SAFETY: the arguments meet the function's contract, by (1).
+    unsafe { f(symbol, pfn, cuda_version, flags) }
+}
+
+/// `CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int cudaVersion, cuuint64_t
+/// flags, CUdriverProcAddressQueryResult *symbolStatus)`, the driver's (what `cuGetProcAddress`
+/// names in CUDA 12's cuda.h). Returns `CUDA_ERROR_SHARED_OBJECT_SYMBOL_NOT_FOUND` (302) when
+/// no loaded driver defines it.
+///
+/// # Safety
+/// 1. The arguments meet the CUDA driver's contract for this function (the caller's own,
+///    passed on unchanged).
+pub(crate) unsafe fn cuGetProcAddress_v2(
+    symbol: *const c_char,
+    pfn: *mut *mut c_void,
+    cuda_version: c_int,
+    flags: u64,
+    symbol_status: *mut c_int,
+) -> cudaError_t {
+    let Some(addr) = CU_GET_PROC_ADDRESS_V2.get() else {
+        return SHARED_OBJECT_SYMBOL_NOT_FOUND;
+    };
+    // SAFETY: `addr` is the loaded driver's function of this name, whose C signature (from
+    // cuda.h; `CUdriverProcAddressQueryResult` an enum, written as an int) is the one
+    // declared here.
+    let f = unsafe {
+        std::mem::transmute::<
+            *mut c_void,
+            unsafe extern "C" fn(
+                *const c_char,
+                *mut *mut c_void,
+                c_int,
+                u64,
+                *mut c_int,
+            ) -> cudaError_t,
+        >(addr)
+    };
+    // SAFETY: the arguments meet the function's contract, by (1).
+    unsafe { f(symbol, pfn, cuda_version, flags, symbol_status) }
 }

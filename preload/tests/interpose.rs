@@ -629,7 +629,7 @@ fn invalid_frees_through_the_runtime_api_reach_the_forensic_log() {
 #[test]
 fn without_the_interposer_an_exported_buffer_goes_to_the_next_allocation_unchanged() {
     let Some(b) = built() else { return };
-    for scenario in ["ipc", "ipc-driver"] {
+    for scenario in ["ipc", "ipc-driver", "ipc-entry-point", "ipc-proc-address"] {
         let r = run(b, scenario, false, &[]);
         r.expect(&[
             ("rc_export", 0),
@@ -656,6 +656,56 @@ fn a_block_exported_through_the_driver_api_is_returned_to_the_device_at_its_free
         "ipc-driver",
         "cuIpcGetMemHandle refused (CUDA_ERROR_INVALID_VALUE)",
     );
+}
+
+/// The same for an engine that calls the driver's export through a pointer it got from
+/// `cudaGetDriverEntryPoint`: the lookup hands out the interposer.
+#[test]
+fn a_block_exported_through_a_driver_entry_point_is_returned_to_the_device_at_its_free() {
+    an_exported_block_is_retired(
+        "ipc-entry-point",
+        "cuIpcGetMemHandle refused (CUDA_ERROR_INVALID_VALUE)",
+    );
+}
+
+/// The same for an engine that takes the driver's lookup `cuGetProcAddress` from the runtime
+/// and the export from that lookup, as NCCL does: the lookup handed out is the interposer's,
+/// which hands out the export's interposer in turn.
+#[test]
+fn a_block_exported_through_the_drivers_lookup_is_returned_to_the_device_at_its_free() {
+    an_exported_block_is_retired(
+        "ipc-proc-address",
+        "cuIpcGetMemHandle refused (CUDA_ERROR_INVALID_VALUE)",
+    );
+}
+
+/// Every lookup of a driver function hands out what the dynamic linker binds its name to:
+/// kvhygiene's interposers of `cuIpcGetMemHandle` and of the lookups under LD_PRELOAD (the
+/// real functions without it), the driver's own function for every other name; a failed
+/// lookup, a missing output and a missing real lookup are answered as the lookup answers them.
+#[test]
+fn driver_lookups_hand_out_the_interposers_and_pass_everything_else_unchanged() {
+    let Some(b) = built() else { return };
+    let common = [
+        ("ipc_as_linked", 4),
+        ("lookups_as_linked", 4),
+        ("others_as_linked", 2),
+        ("rc_unknown_driver", 500),
+        ("unknown_driver_null", 1),
+        ("rc_unknown_runtime", 0),
+        ("unknown_runtime_status", 1),
+        ("unknown_runtime_null", 1),
+        ("rc_no_output", 1),
+        ("ptsz_output_untouched", 1),
+        ("done", 1),
+    ];
+    let without = run(b, "entry-points", false, &[]);
+    without.expect(&common);
+    without.expect(&[("rc_ptsz", -1)]);
+    let r = run(b, "entry-points", true, &[]);
+    r.expect(&common);
+    // cudaErrorSharedObjectSymbolNotFound: the fake runtime has no _ptsz entry points.
+    r.expect(&[("rc_ptsz", 302)]);
 }
 
 fn an_exported_block_is_retired(scenario: &str, refusal: &str) {

@@ -6,7 +6,12 @@
 // cudaFreeAsync), and prints one JSON object. A third round exports the buffer for another
 // process (cudaIpcGetMemHandle) before its free: under kvhygiene that block goes back to the
 // driver at its free, never to the pool (`kvh_ipc_exported_blocks`, `kvh_released`), and the
-// next allocation of its size is fresh memory, zeroed.
+// next allocation of its size is fresh memory, zeroed. A fourth round does the same through
+// the driver's export (cuIpcGetMemHandle) called through a pointer from the runtime's lookup
+// (cudaGetDriverEntryPoint), which under kvhygiene hands out its interposer; and the probe
+// says whether the driver's lookup (cuGetProcAddress) taken from the runtime is the
+// interposer's too (`proc_address_interposed`: only when the driver hands out its exported
+// function, whose address tells its version).
 //
 // When kvhygiene is loaded (its C API is then in the process: `kvh_loaded`), the probe waits
 // with kvh_synchronize between the free and the new allocation, so the freed block is
@@ -39,7 +44,9 @@ struct cudaIpcMemHandle_st {
     char reserved[64];
 };
 int cudaIpcGetMemHandle(cudaIpcMemHandle_st* handle, void* p);
+int cudaGetDriverEntryPoint(const char* symbol, void** fn, unsigned long long flags, int* status);
 }
+typedef int (*cu_ipc_get_mem_handle_fn)(cudaIpcMemHandle_st* handle, unsigned long long dptr);
 
 static const int HOST_TO_DEVICE = 1;
 static const int DEVICE_TO_HOST = 2;
@@ -90,9 +97,36 @@ static void inspect(Round& r, void* p, std::vector<char>& host) {
         r.secret += std::memcmp(host.data() + i, SECRET, sizeof SECRET - 1) == 0;
 }
 
+// How a round exports its buffer before the free: not at all, with the runtime's
+// cudaIpcGetMemHandle, or with the driver's cuIpcGetMemHandle through a pointer from
+// cudaGetDriverEntryPoint.
+enum Export { NO_EXPORT, RUNTIME_EXPORT, LOOKUP_EXPORT };
+
+static int export_buffer(Export how, cudaIpcMemHandle_st* handle, void* p) {
+    if (how == RUNTIME_EXPORT) return cudaIpcGetMemHandle(handle, p);
+    void* f = nullptr;
+    int status = -1;
+    int rc = cudaGetDriverEntryPoint("cuIpcGetMemHandle", &f, 0, &status);
+    if (rc != 0) return rc;
+    if (f == nullptr) return -2;
+    auto get = reinterpret_cast<cu_ipc_get_mem_handle_fn>(f);
+    return get(handle, static_cast<unsigned long long>(reinterpret_cast<size_t>(p)));
+}
+
+// Whether the driver's lookup, taken from the runtime as NCCL takes it, is the one the
+// dynamic linker binds cuGetProcAddress_v2 to (kvhygiene's, when preloaded); -1 when the
+// lookup fails.
+static int proc_address_as_linked() {
+    void* f = nullptr;
+    int status = -1;
+    if (cudaGetDriverEntryPoint("cuGetProcAddress", &f, 0, &status) != 0 || f == nullptr) return -1;
+    return f == dlsym(RTLD_DEFAULT, "cuGetProcAddress_v2") || f == dlsym(RTLD_DEFAULT, "cuGetProcAddress");
+}
+
 // cudaMalloc, write the secret, cudaFree, cudaMalloc again, read back. With `export_rc`, the
-// buffer is exported (cudaIpcGetMemHandle) before its free, and the result stored there.
-static Round sync_round(std::vector<char>& secret, std::vector<char>& host, int* export_rc = nullptr) {
+// buffer is exported (as `how` says) before its free, and the result stored there.
+static Round sync_round(std::vector<char>& secret, std::vector<char>& host, int* export_rc = nullptr,
+                        Export how = RUNTIME_EXPORT) {
     Round r;
     void* a = nullptr;
     void* b = nullptr;
@@ -100,7 +134,7 @@ static Round sync_round(std::vector<char>& secret, std::vector<char>& host, int*
     note(r, cudaMalloc(&a, BYTES));
     if (a) note(r, cudaMemcpy(a, secret.data(), BYTES, HOST_TO_DEVICE));
     note(r, cudaDeviceSynchronize());
-    if (export_rc) *export_rc = a ? cudaIpcGetMemHandle(&handle, a) : -1;
+    if (export_rc) *export_rc = a ? export_buffer(how, &handle, a) : -1;
     note(r, cudaFree(a));
     settle();
     note(r, cudaMalloc(&b, BYTES));
@@ -145,19 +179,29 @@ int main() {
     int export_rc = 0;
     Round i = sync_round(secret, host, &export_rc);
     settle();
+    long long exported = kvh_counter("ipc_exported_blocks");
+    long long released = kvh_counter("released");
+    int lookup_export_rc = 0;
+    Round l = sync_round(secret, host, &lookup_export_rc, LOOKUP_EXPORT);
+    settle();
     std::printf("{\n");
     std::printf("  \"kvh_loaded\": %d,\n", kvh_sync() ? 1 : 0);
     std::printf("  \"kvh_verifications_passed\": %lld,\n", kvh_counter("verifications_passed"));
     std::printf("  \"kvh_verifications_failed\": %lld,\n", kvh_counter("verifications_failed"));
-    std::printf("  \"kvh_ipc_exported_blocks\": %lld,\n", kvh_counter("ipc_exported_blocks"));
-    std::printf("  \"kvh_released\": %lld,\n", kvh_counter("released"));
+    std::printf("  \"kvh_ipc_exported_blocks\": %lld,\n", exported);
+    std::printf("  \"kvh_released\": %lld,\n", released);
     std::printf("  \"ipc_export_rc\": %d,\n", export_rc);
+    std::printf("  \"kvh_ipc_lookup_exported_blocks\": %lld,\n", kvh_counter("ipc_exported_blocks") - exported);
+    std::printf("  \"kvh_ipc_lookup_released\": %lld,\n", kvh_counter("released") - released);
+    std::printf("  \"ipc_lookup_export_rc\": %d,\n", lookup_export_rc);
+    std::printf("  \"proc_address_interposed\": %d,\n", proc_address_as_linked());
     print("sync", s, false);
     print("async", a, false);
-    print("ipc", i, true);
+    print("ipc", i, false);
+    print("ipc_lookup", l, true);
     std::printf("}\n");
     // Flushed now: stdio would otherwise flush after the libraries' exit handlers, and a crash
     // there would lose the result.
     std::fflush(stdout);
-    return s.rc != 0 || a.rc != 0 || i.rc != 0 ? 1 : 0;
+    return s.rc != 0 || a.rc != 0 || i.rc != 0 || l.rc != 0 ? 1 : 0;
 }

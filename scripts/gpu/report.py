@@ -394,6 +394,35 @@ def main() -> int:
         and ipc["secret_seen"] == 0
         and ipc["nonzero"] == 0,
     )
+    # The same through the driver's export called through a pointer from the runtime's lookup
+    # (cudaGetDriverEntryPoint), which kvhygiene hands out in place of the driver's. The
+    # detail also says whether the driver's own lookup (cuGetProcAddress), taken from the
+    # runtime, was the interposer's: not judged, since that depends on the driver handing
+    # out its exported function (docs/cuda.md, "IPC").
+    lookup = k.get("ipc_lookup") if k else None
+    plain = d.get("proc_address_interposed") if d else None
+    row(
+        rows,
+        "LD_PRELOAD probe: a block exported through a driver lookup (cudaGetDriverEntryPoint) is released at its free",
+        probe_missing("preload_kvh")
+        if not k
+        else "the probe printed no ipc_lookup round"
+        if not lookup
+        else f"export {k.get('ipc_lookup_export_rc')}; kvhygiene counted {k.get('kvh_ipc_lookup_exported_blocks')} "
+        + f"exported, {k.get('kvh_ipc_lookup_released')} released; the next allocation: {lookup['secret_seen']} "
+        + f"secret copies, {lookup['nonzero']} non-zero bytes; the driver's lookup from the runtime is "
+        + f"{'the exported one' if plain == 1 else 'not the exported one' if plain == 0 else 'unknown'}, "
+        + f"interposed: {k.get('proc_address_interposed')}",
+        "export 0, 1 exported, >= 1 released, 0 and 0",
+        None
+        if not lookup
+        else k.get("ipc_lookup_export_rc") == 0
+        and k.get("kvh_ipc_lookup_exported_blocks") == 1
+        and (k.get("kvh_ipc_lookup_released") or 0) >= 1
+        and lookup["rc"] == 0
+        and lookup["secret_seen"] == 0
+        and lookup["nonzero"] == 0,
+    )
     example_rc = step_rc(out, "example_torch")
     # Its exit status is its figure, but for 124: timed out, or skipped when the budget ran
     # out, so it never finished.

@@ -39,9 +39,14 @@ def preload_kvh(**round_changes) -> dict:
         "kvh_ipc_exported_blocks": 1,
         "kvh_released": 1,
         "ipc_export_rc": 0,
+        "kvh_ipc_lookup_exported_blocks": 1,
+        "kvh_ipc_lookup_released": 1,
+        "ipc_lookup_export_rc": 0,
+        "proc_address_interposed": 1,
         "sync": clean,
         "async": {**clean, **round_changes},
         "ipc": {**clean, "same_address": False},
+        "ipc_lookup": {**clean, "same_address": False},
     }
 
 
@@ -325,6 +330,32 @@ def test_the_ipc_round_needs_the_exported_block_released_and_zeros_after(tmp_pat
     py_result(tmp_path, "preload_kvh", **{k: v for k, v in probe.items() if v is not None})
     code, rows, _ = run_report(tmp_path, monkeypatch)
     assert rows[IPC_PROBE]["verdict"] == verdict, rows[IPC_PROBE]
+    assert code == (0 if verdict == "PASS" else 1)
+
+
+LOOKUP_PROBE = (
+    "LD_PRELOAD probe: a block exported through a driver lookup (cudaGetDriverEntryPoint) is released at its free"
+)
+
+
+@pytest.mark.parametrize(
+    "changes, verdict",
+    [
+        ({}, "PASS"),
+        ({"proc_address_interposed": 0}, "PASS"),  # a fact reported, not judged
+        ({"kvh_ipc_lookup_released": 0}, "FAIL"),  # pooled, not returned to the driver
+        ({"kvh_ipc_lookup_exported_blocks": 0}, "FAIL"),  # the lookup handed out the driver's own
+        ({"ipc_lookup_export_rc": -2}, "FAIL"),  # the lookup found nothing
+        ({"ipc_lookup": {"rc": 0, "secret_seen": 3, "nonzero": 9, "same_address": True}}, "FAIL"),
+        ({"ipc_lookup": None}, "MISSING"),  # a probe without the round
+    ],
+)
+def test_the_lookup_round_needs_the_exported_block_released_and_zeros_after(tmp_path, monkeypatch, changes, verdict):
+    complete_run(tmp_path)
+    probe = {**preload_kvh(), **changes}
+    py_result(tmp_path, "preload_kvh", **{k: v for k, v in probe.items() if v is not None})
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    assert rows[LOOKUP_PROBE]["verdict"] == verdict, rows[LOOKUP_PROBE]
     assert code == (0 if verdict == "PASS" else 1)
 
 

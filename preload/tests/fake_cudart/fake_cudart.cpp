@@ -144,9 +144,16 @@ int cudaIpcGetMemHandle(void* handle, void* p) {
     return 0;
 }
 
+// The driver functions below are defined under hidden names and exported as aliases of
+// them, so that the addresses the lookups hand out are this library's own functions (as a
+// driver's lookup hands out its own), not whatever the dynamic linker would bind the
+// exported name to (an interposer's).
+#define FAKE_EXPORT_AS(hidden) __attribute__((alias(#hidden)))
+#define FAKE_HIDDEN __attribute__((visibility("hidden")))
+
 // The driver API's export (cuIpcGetMemHandle; a CUdeviceptr is a 64-bit integer), as
 // libcuda.so.1 defines it, for an engine that calls the driver directly: the same handle.
-int cuIpcGetMemHandle(void* handle, unsigned long long dptr) {
+FAKE_HIDDEN int fake_cuIpcGetMemHandle(void* handle, unsigned long long dptr) {
     std::lock_guard<std::mutex> g(mu);
     count("cuIpcGetMemHandle");
     void* p = reinterpret_cast<void*>(uintptr_t(dptr));
@@ -154,6 +161,79 @@ int cuIpcGetMemHandle(void* handle, unsigned long long dptr) {
     std::memset(handle, 0, 64);
     std::memcpy(handle, &p, sizeof p);
     return 0;
+}
+int cuIpcGetMemHandle(void* handle, unsigned long long dptr) FAKE_EXPORT_AS(fake_cuIpcGetMemHandle);
+
+// A driver function no interposer takes.
+FAKE_HIDDEN int fake_cuDeviceGetCount(int* n) {
+    if (n == nullptr) return 1;
+    *n = 1;
+    return 0;
+}
+int cuDeviceGetCount(int* n) FAKE_EXPORT_AS(fake_cuDeviceGetCount);
+
+FAKE_HIDDEN int fake_cuGetProcAddress(const char*, void**, int, unsigned long long);
+FAKE_HIDDEN int fake_cuGetProcAddress_v2(const char*, void**, int, unsigned long long, int*);
+
+// The driver functions the lookups know, by name; `version` chooses cuGetProcAddress's
+// (CUDA 12 and later: _v2, five arguments), as the driver's versioned lookup does.
+static void* driver_function(const char* symbol, int version) {
+    if (symbol == nullptr) return nullptr;
+    if (std::strcmp(symbol, "cuIpcGetMemHandle") == 0) return reinterpret_cast<void*>(&fake_cuIpcGetMemHandle);
+    if (std::strcmp(symbol, "cuDeviceGetCount") == 0) return reinterpret_cast<void*>(&fake_cuDeviceGetCount);
+    if (std::strcmp(symbol, "cuGetProcAddress") == 0)
+        return version >= 12000 ? reinterpret_cast<void*>(&fake_cuGetProcAddress_v2)
+                                : reinterpret_cast<void*>(&fake_cuGetProcAddress);
+    return nullptr;
+}
+
+// The driver's lookup: CUDA_ERROR_INVALID_VALUE (1) without an output, CUDA_ERROR_NOT_FOUND
+// (500) for a name it does not know, with the output NULL.
+static int driver_lookup(const char* symbol, void** pfn, int version) {
+    if (pfn == nullptr || symbol == nullptr) return 1;
+    *pfn = driver_function(symbol, version);
+    return *pfn ? 0 : 500;
+}
+
+FAKE_HIDDEN int fake_cuGetProcAddress(const char* symbol, void** pfn, int version, unsigned long long) {
+    std::lock_guard<std::mutex> g(mu);
+    count("cuGetProcAddress");
+    return driver_lookup(symbol, pfn, version);
+}
+int cuGetProcAddress(const char*, void**, int, unsigned long long) FAKE_EXPORT_AS(fake_cuGetProcAddress);
+
+FAKE_HIDDEN int fake_cuGetProcAddress_v2(const char* symbol, void** pfn, int version, unsigned long long,
+                                         int* status) {
+    std::lock_guard<std::mutex> g(mu);
+    count("cuGetProcAddress_v2");
+    int rc = driver_lookup(symbol, pfn, version);
+    if (status != nullptr) *status = rc == 0 ? 0 : 1;  // CU_GET_PROC_ADDRESS_SUCCESS / _SYMBOL_NOT_FOUND
+    return rc;
+}
+int cuGetProcAddress_v2(const char*, void**, int, unsigned long long, int*) FAKE_EXPORT_AS(fake_cuGetProcAddress_v2);
+
+// The runtime's lookups, as a CUDA 12 runtime's: cudaSuccess with the status
+// cudaDriverEntryPointSymbolNotFound (1) and a NULL output for a name the driver does not
+// know; cudaErrorInvalidValue (1) without an output. Without a version, the runtime's own
+// (12000).
+static int runtime_lookup(const char* symbol, void** fn, int version, int* status) {
+    if (fn == nullptr || symbol == nullptr) return 1;
+    *fn = driver_function(symbol, version);
+    if (status != nullptr) *status = *fn ? 0 : 1;
+    return 0;
+}
+
+int cudaGetDriverEntryPoint(const char* symbol, void** fn, unsigned long long, int* status) {
+    std::lock_guard<std::mutex> g(mu);
+    count("cudaGetDriverEntryPoint");
+    return runtime_lookup(symbol, fn, 12000, status);
+}
+
+int cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned int version, unsigned long long,
+                                     int* status) {
+    std::lock_guard<std::mutex> g(mu);
+    count("cudaGetDriverEntryPointByVersion");
+    return runtime_lookup(symbol, fn, int(version), status);
 }
 
 int cudaGetDevice(int* d) {

@@ -13,7 +13,8 @@
 //        thread-exit | device-reset-during-capture | thread-exit-during-capture |
 //        device-reset-that-fails |
 //        device-reset-that-fails-retired | device-reset-c-api-malloc |
-//        device-reset-then-captured-allocation | device-reset-c-api-free | ipc | ipc-driver
+//        device-reset-then-captured-allocation | device-reset-c-api-free | ipc | ipc-driver |
+//        ipc-entry-point | ipc-proc-address | entry-points
 
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -50,6 +51,11 @@ int cudaDeviceReset(void);
 int cudaThreadExit(void);
 int cudaIpcGetMemHandle(void* handle, void* p);
 int cuIpcGetMemHandle(void* handle, unsigned long long dptr);
+int cuGetProcAddress(const char* symbol, void** pfn, int version, unsigned long long flags);
+int cuGetProcAddress_v2(const char* symbol, void** pfn, int version, unsigned long long flags, int* status);
+int cudaGetDriverEntryPoint(const char* symbol, void** fn, unsigned long long flags, int* status);
+int cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned int version,
+                                     unsigned long long flags, int* status);
 void fake_cudart_fail_reset(int rc);
 int fake_cudart_calls(const char* name);
 int fake_cudart_last_synced_device(void);
@@ -1080,8 +1086,102 @@ static int export_by_driver(void* handle, void* p) {
     return cuIpcGetMemHandle(handle, static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(p)));
 }
 
+typedef int (*cu_ipc_get_mem_handle_fn)(void* handle, unsigned long long dptr);
+typedef int (*cu_get_proc_address_v2_fn)(const char*, void**, int, unsigned long long, int*);
+
+static int export_through(void* f, void* handle, void* p) {
+    if (f == nullptr) return -1;
+    auto get = reinterpret_cast<cu_ipc_get_mem_handle_fn>(f);
+    return get(handle, static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(p)));
+}
+
+// The driver's export through a pointer from cudaGetDriverEntryPoint, as engines that use
+// the runtime API take driver functions (Transformer Engine, say).
+static int export_by_entry_point(void* handle, void* p) {
+    void* f = nullptr;
+    int status = -1;
+    if (cudaGetDriverEntryPoint("cuIpcGetMemHandle", &f, 0, &status) != 0 || status != 0) return -1;
+    return export_through(f, handle, p);
+}
+
+// The driver's lookup taken from the runtime, then the export from that lookup, as NCCL
+// takes every driver function.
+static int export_by_proc_address(void* handle, void* p) {
+    void* lookup = nullptr;
+    int status = -1;
+    if (cudaGetDriverEntryPointByVersion("cuGetProcAddress", &lookup, 12000, 0, &status) != 0 || lookup == nullptr)
+        return -1;
+    void* f = nullptr;
+    if (reinterpret_cast<cu_get_proc_address_v2_fn>(lookup)("cuIpcGetMemHandle", &f, 12000, 0, &status) != 0)
+        return -1;
+    return export_through(f, handle, p);
+}
+
 static const Exporter RUNTIME_EXPORT = {cudaIpcGetMemHandle, "cudaIpcGetMemHandle"};
 static const Exporter DRIVER_EXPORT = {export_by_driver, "cuIpcGetMemHandle"};
+static const Exporter ENTRY_POINT_EXPORT = {export_by_entry_point, "cuIpcGetMemHandle"};
+static const Exporter PROC_ADDRESS_EXPORT = {export_by_proc_address, "cuIpcGetMemHandle"};
+
+// Every lookup of a driver function, as the engine sees it: `cuIpcGetMemHandle` and the
+// driver's lookups are what the dynamic linker binds their names to (kvhygiene's under
+// LD_PRELOAD, the fake's otherwise), every other function the driver's own, and failures
+// and missing outputs as the lookup answers them.
+static int scenario_entry_points() {
+    void* linked_ipc = dlsym(RTLD_DEFAULT, "cuIpcGetMemHandle");
+    void* linked_v1 = dlsym(RTLD_DEFAULT, "cuGetProcAddress");
+    void* linked_v2 = dlsym(RTLD_DEFAULT, "cuGetProcAddress_v2");
+    void* linked_count = dlsym(RTLD_DEFAULT, "cuDeviceGetCount");
+    int status = -1;
+    void* f = nullptr;
+    int ipc = 0;
+    f = nullptr;
+    ipc += cudaGetDriverEntryPoint("cuIpcGetMemHandle", &f, 0, &status) == 0 && f == linked_ipc;
+    f = nullptr;
+    ipc += cudaGetDriverEntryPointByVersion("cuIpcGetMemHandle", &f, 12000, 0, &status) == 0 && f == linked_ipc;
+    f = nullptr;
+    ipc += cuGetProcAddress("cuIpcGetMemHandle", &f, 11030, 0) == 0 && f == linked_ipc;
+    f = nullptr;
+    ipc += cuGetProcAddress_v2("cuIpcGetMemHandle", &f, 12000, 0, &status) == 0 && f == linked_ipc;
+    out("ipc_as_linked", ipc);
+
+    int lookups = 0;
+    f = nullptr;
+    lookups += cudaGetDriverEntryPointByVersion("cuGetProcAddress", &f, 11030, 0, &status) == 0 && f == linked_v1;
+    f = nullptr;
+    lookups += cudaGetDriverEntryPointByVersion("cuGetProcAddress", &f, 12000, 0, &status) == 0 && f == linked_v2;
+    f = nullptr;
+    lookups += cudaGetDriverEntryPoint("cuGetProcAddress", &f, 0, &status) == 0 && f == linked_v2;
+    f = nullptr;
+    lookups += cuGetProcAddress_v2("cuGetProcAddress", &f, 11030, 0, &status) == 0 && f == linked_v1;
+    out("lookups_as_linked", lookups);
+
+    int others = 0;
+    f = nullptr;
+    others += cudaGetDriverEntryPoint("cuDeviceGetCount", &f, 0, &status) == 0 && f == linked_count;
+    f = nullptr;
+    others += cuGetProcAddress_v2("cuDeviceGetCount", &f, 12000, 0, &status) == 0 && f == linked_count;
+    out("others_as_linked", others);
+
+    f = reinterpret_cast<void*>(uintptr_t(1));
+    out("rc_unknown_driver", cuGetProcAddress_v2("cuNoSuchFunction", &f, 12000, 0, &status));
+    out("unknown_driver_null", f == nullptr);
+    f = reinterpret_cast<void*>(uintptr_t(1));
+    status = -1;
+    out("rc_unknown_runtime", cudaGetDriverEntryPoint("cuNoSuchFunction", &f, 0, &status));
+    out("unknown_runtime_status", status);
+    out("unknown_runtime_null", f == nullptr);
+    out("rc_no_output", cudaGetDriverEntryPoint("cuIpcGetMemHandle", nullptr, 0, &status));
+
+    // The fake runtime has no _ptsz entry points: kvhygiene's, when preloaded, answers that
+    // the real one is missing and leaves the output alone.
+    typedef int (*entry_point_fn)(const char*, void**, unsigned long long, int*);
+    auto ptsz = reinterpret_cast<entry_point_fn>(dlsym(RTLD_DEFAULT, "cudaGetDriverEntryPoint_ptsz"));
+    f = reinterpret_cast<void*>(uintptr_t(1));
+    out("rc_ptsz", ptsz ? ptsz("cuIpcGetMemHandle", &f, 0, &status) : -1);
+    out("ptsz_output_untouched", f == reinterpret_cast<void*>(uintptr_t(1)));
+    out("done", 1);
+    return 0;
+}
 
 // An engine that shares a buffer with another process (`ex`: the runtime's
 // cudaIpcGetMemHandle or the driver's cuIpcGetMemHandle), frees it, and allocates the same
@@ -1165,6 +1265,9 @@ int main(int argc, char** argv) {
     if (std::strcmp(which, "device-reset-c-api-free") == 0) return scenario_device_reset_c_api_free();
     if (std::strcmp(which, "ipc") == 0) return scenario_ipc(RUNTIME_EXPORT);
     if (std::strcmp(which, "ipc-driver") == 0) return scenario_ipc(DRIVER_EXPORT);
+    if (std::strcmp(which, "ipc-entry-point") == 0) return scenario_ipc(ENTRY_POINT_EXPORT);
+    if (std::strcmp(which, "ipc-proc-address") == 0) return scenario_ipc(PROC_ADDRESS_EXPORT);
+    if (std::strcmp(which, "entry-points") == 0) return scenario_entry_points();
     if (std::strcmp(which, "device-reset-then-captured-allocation") == 0)
         return scenario_device_reset_then_captured_allocation();
     std::fprintf(stderr, "unknown scenario %s\n", which);
