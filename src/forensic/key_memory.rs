@@ -18,8 +18,18 @@
 //! signature after it. A dump taken while a round is being written holds the residue of its
 //! latest MAC, of the current epoch's key.
 //!
-//! The mark is required: a kernel that refuses it fails the key's loading, so that a key is
-//! never held where the documentation says it is not. The lock is best-effort: a container's
+//! A child forked from the process (a pre-fork server's workers, an engine's subprocesses,
+//! Python's `multiprocessing` under the fork start method) inherits every page of it, keys
+//! included, though it never uses them: a forked child writes no record and signs no
+//! checkpoint (the log refuses it, and the C ABI does not start there). So the mapping is
+//! also marked `MADV_WIPEONFORK`: the child's copy reads as zeros, and a child that is
+//! compromised later, or dumps its memory by other means than a core (a debugger, a
+//! `/proc/PID/mem` reader of the same user), has no key to give away.
+//!
+//! The dump mark is required: a kernel that refuses it fails the key's loading, so that a
+//! key is never held where the documentation says it is not. The wipe mark is best-effort
+//! (Linux 4.14 and later; a seccomp profile may refuse it), as no code path of the child
+//! would read the key. The lock is best-effort too: a container's
 //! default limit (64 KiB) is reached by 16 keys, and swap is off on most inference nodes.
 //! Copies held for a moment (crash recovery's probes of the ratchet, up to 4096 at a start-up
 //! that meets planted far epochs) are not locked ([`KeyBytes::scratch_copy_of`]), so that
@@ -34,7 +44,8 @@ use zeroize::Zeroize;
 
 use super::ForensicError;
 
-/// Bytes of a key in a private anonymous mapping excluded from core dumps, zeroized on drop.
+/// Bytes of a key in a private anonymous mapping excluded from core dumps and wiped in forked
+/// children, zeroized on drop.
 ///
 /// Invariants: `map` is the start of a mapping of `capacity` bytes (a whole number of pages,
 /// at least one) that this value alone owns, readable and writable until `drop`; `len <=
@@ -92,7 +103,8 @@ impl KeyBytes {
         self.len = DIGEST_LEN;
     }
 
-    /// A mapping of at least `len` bytes (one page for none), left out of core dumps.
+    /// A mapping of at least `len` bytes (one page for none), left out of core dumps, and
+    /// wiped in forked children where the kernel allows.
     fn mapped(len: usize) -> Result<Self, ForensicError> {
         let page = page_size();
         let capacity = len
@@ -130,6 +142,8 @@ impl KeyBytes {
                  where dumps leave it out"
             )));
         }
+        // SAFETY: as above. Best-effort (see the module's comment): the result is not needed.
+        let _ = unsafe { libc::madvise(addr, capacity, libc::MADV_WIPEONFORK) };
         Ok(key)
     }
 
@@ -242,6 +256,37 @@ pub(crate) mod tests {
         assert_eq!(key.as_bytes(), b"0123456789abcdef");
         let flags = vm_flags_at(key.as_bytes().as_ptr()).expect("the key's mapping in smaps");
         assert!(flags.iter().any(|f| f == "dd"), "VmFlags: {flags:?}");
+    }
+
+    /// A forked child's copy of a key's mapping reads as zeros; the parent's keeps the key.
+    #[test]
+    fn a_forked_child_reads_zeros_where_the_key_was() {
+        let secret = [0x5au8; 48];
+        let key = KeyBytes::copy_of(&secret).unwrap();
+        let flags = vm_flags_at(key.as_bytes().as_ptr()).expect("the key's mapping in smaps");
+        // `wf`: MADV_WIPEONFORK, which every kernel this is tested on (4.14 and later) takes.
+        assert!(flags.iter().any(|f| f == "wf"), "VmFlags: {flags:?}");
+        let (ptr, len) = (key.as_bytes().as_ptr(), key.as_bytes().len());
+        // SAFETY: the child only reads memory and calls `_exit`, both async-signal-safe, as a
+        // child of a multi-threaded process must.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            // SAFETY: `[ptr, ptr + len)` is the key's mapping, still mapped in the child
+            // (wiped, not unmapped); volatile reads so that what is read is the child's page.
+            let zeros = (0..len).all(|i| unsafe { ptr.add(i).read_volatile() } == 0);
+            // SAFETY: ends the child at once, without running the parent's exit handlers.
+            unsafe { libc::_exit(if zeros { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: `pid` is this process's child; `status` is writable.
+        let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(waited, pid, "waitpid: {}", std::io::Error::last_os_error());
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the child read the key's bytes (wait status {status:#x})"
+        );
+        assert_eq!(key.as_bytes(), &secret);
     }
 
     #[test]
