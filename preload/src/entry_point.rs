@@ -8,17 +8,27 @@
 //! when it succeeded, hand out an interposer instead of the driver function found:
 //!
 //! - `cuIpcGetMemHandle`, recognised by the name looked up: it has had one signature since
-//!   CUDA 4.0, so every version and flag of the lookup finds a function of that type;
-//! - the lookup `cuGetProcAddress` itself (NCCL takes it from `cudaGetDriverEntryPoint`, then
-//!   every other driver function from it), recognised by address only: the version found
-//!   (four arguments, or `_v2`'s five) is told by which of the driver's two exported
-//!   functions it is, and an address that is neither is handed out unchanged, since an
-//!   interposer of the wrong arity would pass a stray pointer on as `symbolStatus`.
+//!   CUDA 4.0, so every version and flag of the lookup finds a function of that type. Only
+//!   when the interposer's own forward can reach the driver's function: otherwise the engine
+//!   keeps the working pointer it was given;
+//! - the lookup `cuGetProcAddress` itself (an engine may take it from
+//!   `cudaGetDriverEntryPoint`, then every other driver function from it): looked up by that
+//!   name, and recognised by address, since the version found (four arguments, or `_v2`'s
+//!   five) is told only by which of the driver's two exported functions it is. An address
+//!   that is neither is handed out unchanged: an interposer of the wrong arity would pass a
+//!   stray pointer on as `symbolStatus`.
 //!
-//! Every other lookup, a failed one, and a NULL output pass unchanged. Not covered: a
-//! driver function found with `dlsym` on a handle of `libcuda.so.1` (PyTorch's and
-//! TensorRT-LLM's driver wrappers): such a look-up starts at that library, past this one,
-//! and `dlsym` itself is not interposed (docs/cuda.md, "IPC").
+//! Every other lookup and a failed one pass unchanged, at the cost of one string comparison.
+//! Not covered: a driver function found with `dlsym` on a handle of `libcuda.so.1`, which
+//! starts at that library, past this one (`dlsym` itself is not interposed); a lookup made
+//! inside a library that links the runtime statically, which never reaches these exports
+//! (docs/cuda.md, "IPC").
+//!
+//! A CUDA 11 caller passes `cudaGetDriverEntryPoint` three arguments, and the fourth passed
+//! on is whatever its register held, which a CUDA 11 runtime ignores. In a process that
+//! also loaded a newer runtime, the forward goes to the first runtime found ([`real`]'s
+//! order, newest first), which would write through it; such a mix of runtimes is not
+//! supported (nor tested) by any interposer here.
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 
@@ -29,15 +39,19 @@ use crate::real::{self, DriverLookup};
 /// wrote: this library's interposer of it, or `found` itself.
 ///
 /// # Safety
-/// 1. `symbol` is NULL or a NUL-terminated string: the lookup just read it as one and
-///    succeeded.
+/// 1. `symbol` is NULL or a NUL-terminated string (the lookup's contract, which the caller
+///    keeps).
 unsafe fn handed_out(symbol: *const c_char, found: *mut c_void) -> *mut c_void {
     if found.is_null() || symbol.is_null() {
         return found;
     }
     // SAFETY: non-null and NUL-terminated, by (1); only read for the comparison.
-    if unsafe { CStr::from_ptr(symbol) } == c"cuIpcGetMemHandle" {
+    let name = unsafe { CStr::from_ptr(symbol) };
+    if name == c"cuIpcGetMemHandle" && real::driver_ipc_export_found() {
         return crate::cuIpcGetMemHandle as *const () as *mut c_void;
+    }
+    if name != c"cuGetProcAddress" {
+        return found;
     }
     match real::driver_lookup_at(found) {
         Some(DriverLookup::V1) => cuGetProcAddress as *const () as *mut c_void,

@@ -18,7 +18,7 @@
 //! | `cudaFree`, `cudaFreeAsync` (+ `_ptsz`) | pointers kvhygiene holds | NULL, every other pointer |
 //! | `cudaStreamDestroy` | forgets a stream it uses (after synchronising it) | always, after that, unless a capture refused the synchronisation |
 //! | `cudaIpcGetMemHandle`, `cuIpcGetMemHandle` (driver) | marks a block it hands out as exported (its free then retires it); refuses a block it does not hand out | always, after that, unless refused |
-//! | `cuGetProcAddress` (+ `_v2`), `cudaGetDriverEntryPoint` (+ `_ptsz`, `ByVersion`, `ByVersion_ptsz`) | hands out its `cuIpcGetMemHandle` (and its `cuGetProcAddress`) in place of the driver's ([`entry_point`]) | always, before that |
+//! | `cuGetProcAddress` (+ `_v2`), `cudaGetDriverEntryPoint` (+ `_ptsz`, `ByVersion`, `ByVersion_ptsz`) | hands out its `cuIpcGetMemHandle` (and its `cuGetProcAddress`) in place of the driver's (`entry_point.rs`) | always, before that |
 //! | `cudaDeviceReset`, `cudaThreadExit` | scrubs the device's blocks and shuts kvhygiene down (unless it already was) | always, after that, unless a capture refused the synchronisation or `cudaGetDevice` failed |
 //!
 //! In a forked child of the process that started kvhygiene, every call is forwarded, but
@@ -369,7 +369,7 @@ pub extern "C" fn cudaIpcGetMemHandle(handle: *mut c_void, dev_ptr: *mut c_void)
 /// (`CUDA_ERROR_INVALID_VALUE` 1, `CUDA_ERROR_UNKNOWN` 999 for a panic,
 /// `CUDA_ERROR_SHARED_OBJECT_SYMBOL_NOT_FOUND` 302). Reached through the dynamic linker, or
 /// through a pointer from `cuGetProcAddress` or `cudaGetDriverEntryPoint`, which hand this
-/// function out in place of the driver's ([`entry_point`]); a pointer found with `dlsym` on a
+/// function out in place of the driver's (`entry_point.rs`); a pointer found with `dlsym` on a
 /// handle of `libcuda.so.1` is the driver's own (docs/cuda.md, "IPC").
 #[no_mangle]
 pub extern "C" fn cuIpcGetMemHandle(handle: *mut c_void, dptr: u64) -> cudaError_t {

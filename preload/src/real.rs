@@ -333,6 +333,14 @@ real_functions! {
     fn cudaGetDriverEntryPointByVersion_ptsz(symbol: *const c_char, func_ptr: *mut *mut c_void, cuda_version: c_uint, flags: u64, driver_status: *mut c_int);
 }
 
+/// The driver's `cuIpcGetMemHandle`.
+static CU_IPC_GET_MEM_HANDLE: Symbol = Symbol::new(c"cuIpcGetMemHandle", Library::Driver);
+
+/// Whether [`cuIpcGetMemHandle`] finds the driver's function (said nowhere when not).
+pub(crate) fn driver_ipc_export_found() -> bool {
+    CU_IPC_GET_MEM_HANDLE.find().is_some()
+}
+
 /// `CUresult cuIpcGetMemHandle(CUipcMemHandle *pHandle, CUdeviceptr dptr)`, the driver's: the
 /// handle is a 64-byte struct the driver writes, passed through untouched. Returns
 /// `CUDA_ERROR_SHARED_OBJECT_SYMBOL_NOT_FOUND` (302, the runtime's number for the same error)
@@ -342,8 +350,7 @@ real_functions! {
 /// 1. The arguments meet the CUDA driver's contract for this function (the caller's own,
 ///    passed on unchanged).
 pub(crate) unsafe fn cuIpcGetMemHandle(handle: *mut c_void, dptr: u64) -> cudaError_t {
-    static SYMBOL: Symbol = Symbol::new(c"cuIpcGetMemHandle", Library::Driver);
-    let Some(addr) = SYMBOL.get() else {
+    let Some(addr) = CU_IPC_GET_MEM_HANDLE.get() else {
         return SHARED_OBJECT_SYMBOL_NOT_FOUND;
     };
     // SAFETY: `addr` is the loaded driver's function of this name, whose C signature (from

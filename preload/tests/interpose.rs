@@ -689,6 +689,7 @@ fn driver_lookups_hand_out_the_interposers_and_pass_everything_else_unchanged() 
     let common = [
         ("ipc_as_linked", 4),
         ("lookups_as_linked", 4),
+        ("unexported_lookup_unchanged", 1),
         ("others_as_linked", 2),
         ("rc_unknown_driver", 500),
         ("unknown_driver_null", 1),

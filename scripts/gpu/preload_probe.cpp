@@ -9,9 +9,11 @@
 // next allocation of its size is fresh memory, zeroed. A fourth round does the same through
 // the driver's export (cuIpcGetMemHandle) called through a pointer from the runtime's lookup
 // (cudaGetDriverEntryPoint), which under kvhygiene hands out its interposer; and the probe
-// says whether the driver's lookup (cuGetProcAddress) taken from the runtime is the
-// interposer's too (`proc_address_interposed`: only when the driver hands out its exported
-// function, whose address tells its version).
+// says what the driver's lookup (cuGetProcAddress) taken from the runtime is
+// (`proc_address_from_runtime`): the driver's exported function (1: run plain, the driver
+// hands out the function whose address tells its version, which kvhygiene needs to
+// interpose it), kvhygiene's interposer (2: under the library), another function (0), or
+// nothing (-1).
 //
 // When kvhygiene is loaded (its C API is then in the process: `kvh_loaded`), the probe waits
 // with kvh_synchronize between the free and the new allocation, so the freed block is
@@ -113,14 +115,20 @@ static int export_buffer(Export how, cudaIpcMemHandle_st* handle, void* p) {
     return get(handle, static_cast<unsigned long long>(reinterpret_cast<size_t>(p)));
 }
 
-// Whether the driver's lookup, taken from the runtime as NCCL takes it, is the one the
-// dynamic linker binds cuGetProcAddress_v2 to (kvhygiene's, when preloaded); -1 when the
-// lookup fails.
-static int proc_address_as_linked() {
+// What the driver's lookup taken from the runtime is: 1 the driver's exported
+// cuGetProcAddress(_v2), 2 kvhygiene's interposer of it, 0 another function, -1 none.
+static int proc_address_from_runtime() {
     void* f = nullptr;
     int status = -1;
     if (cudaGetDriverEntryPoint("cuGetProcAddress", &f, 0, &status) != 0 || f == nullptr) return -1;
-    return f == dlsym(RTLD_DEFAULT, "cuGetProcAddress_v2") || f == dlsym(RTLD_DEFAULT, "cuGetProcAddress");
+    // The runtime loaded the driver, maybe outside the global scope: asked by its soname.
+    void* driver = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD);
+    if (driver && (f == dlsym(driver, "cuGetProcAddress_v2") || f == dlsym(driver, "cuGetProcAddress"))) return 1;
+    // Under kvhygiene, the global scope's lookups are its interposers.
+    bool kvh = dlsym(RTLD_DEFAULT, "kvh_synchronize") != nullptr;
+    if (kvh && (f == dlsym(RTLD_DEFAULT, "cuGetProcAddress_v2") || f == dlsym(RTLD_DEFAULT, "cuGetProcAddress")))
+        return 2;
+    return 0;
 }
 
 // cudaMalloc, write the secret, cudaFree, cudaMalloc again, read back. With `export_rc`, the
@@ -194,7 +202,7 @@ int main() {
     std::printf("  \"kvh_ipc_lookup_exported_blocks\": %lld,\n", kvh_counter("ipc_exported_blocks") - exported);
     std::printf("  \"kvh_ipc_lookup_released\": %lld,\n", kvh_counter("released") - released);
     std::printf("  \"ipc_lookup_export_rc\": %d,\n", lookup_export_rc);
-    std::printf("  \"proc_address_interposed\": %d,\n", proc_address_as_linked());
+    std::printf("  \"proc_address_from_runtime\": %d,\n", proc_address_from_runtime());
     print("sync", s, false);
     print("async", a, false);
     print("ipc", i, false);

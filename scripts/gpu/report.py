@@ -10,6 +10,15 @@ import sys
 from pathlib import Path
 
 
+# What the LD_PRELOAD probe's `proc_address_from_runtime` says of the driver's lookup
+# (cuGetProcAddress) the runtime's cudaGetDriverEntryPoint handed out.
+LOOKUP_SAID = {
+    1: "the driver's exported function",
+    2: "kvhygiene's interposer",
+    0: "another function",
+    -1: "not found",
+}
+
 def load_json(path: Path):
     try:
         return json.loads(path.read_text())
@@ -400,7 +409,8 @@ def main() -> int:
     # runtime, was the interposer's: not judged, since that depends on the driver handing
     # out its exported function (docs/cuda.md, "IPC").
     lookup = k.get("ipc_lookup") if k else None
-    plain = d.get("proc_address_interposed") if d else None
+    plain = d.get("proc_address_from_runtime") if d else None
+    under = k.get("proc_address_from_runtime") if k else None
     row(
         rows,
         "LD_PRELOAD probe: a block exported through a driver lookup (cudaGetDriverEntryPoint) is released at its free",
@@ -410,9 +420,8 @@ def main() -> int:
         if not lookup
         else f"export {k.get('ipc_lookup_export_rc')}; kvhygiene counted {k.get('kvh_ipc_lookup_exported_blocks')} "
         + f"exported, {k.get('kvh_ipc_lookup_released')} released; the next allocation: {lookup['secret_seen']} "
-        + f"secret copies, {lookup['nonzero']} non-zero bytes; the driver's lookup from the runtime is "
-        + f"{'the exported one' if plain == 1 else 'not the exported one' if plain == 0 else 'unknown'}, "
-        + f"interposed: {k.get('proc_address_interposed')}",
+        + f"secret copies, {lookup['nonzero']} non-zero bytes; the driver's lookup from the runtime: "
+        + f"{LOOKUP_SAID.get(plain, 'unknown')} (plain), {LOOKUP_SAID.get(under, 'unknown')} (under kvhygiene)",
         "export 0, 1 exported, >= 1 released, 0 and 0",
         None
         if not lookup

@@ -42,7 +42,7 @@ def preload_kvh(**round_changes) -> dict:
         "kvh_ipc_lookup_exported_blocks": 1,
         "kvh_ipc_lookup_released": 1,
         "ipc_lookup_export_rc": 0,
-        "proc_address_interposed": 1,
+        "proc_address_from_runtime": 2,
         "sync": clean,
         "async": {**clean, **round_changes},
         "ipc": {**clean, "same_address": False},
@@ -342,7 +342,7 @@ LOOKUP_PROBE = (
     "changes, verdict",
     [
         ({}, "PASS"),
-        ({"proc_address_interposed": 0}, "PASS"),  # a fact reported, not judged
+        ({"proc_address_from_runtime": 0}, "PASS"),  # a fact reported, not judged
         ({"kvh_ipc_lookup_released": 0}, "FAIL"),  # pooled, not returned to the driver
         ({"kvh_ipc_lookup_exported_blocks": 0}, "FAIL"),  # the lookup handed out the driver's own
         ({"ipc_lookup_export_rc": -2}, "FAIL"),  # the lookup found nothing

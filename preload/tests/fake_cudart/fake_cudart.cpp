@@ -174,16 +174,20 @@ int cuDeviceGetCount(int* n) FAKE_EXPORT_AS(fake_cuDeviceGetCount);
 
 FAKE_HIDDEN int fake_cuGetProcAddress(const char*, void**, int, unsigned long long);
 FAKE_HIDDEN int fake_cuGetProcAddress_v2(const char*, void**, int, unsigned long long, int*);
+FAKE_HIDDEN int fake_unexported_lookup(const char*, void**, int, unsigned long long, int*);
 
 // The driver functions the lookups know, by name; `version` chooses cuGetProcAddress's
-// (CUDA 12 and later: _v2, five arguments), as the driver's versioned lookup does.
+// (CUDA 12 and later: _v2, five arguments), as the driver's versioned lookup does; from
+// "CUDA 13" on, a lookup of five arguments that is not exported (a driver may hand out
+// another function than its exported one).
 static void* driver_function(const char* symbol, int version) {
     if (symbol == nullptr) return nullptr;
     if (std::strcmp(symbol, "cuIpcGetMemHandle") == 0) return reinterpret_cast<void*>(&fake_cuIpcGetMemHandle);
     if (std::strcmp(symbol, "cuDeviceGetCount") == 0) return reinterpret_cast<void*>(&fake_cuDeviceGetCount);
     if (std::strcmp(symbol, "cuGetProcAddress") == 0)
-        return version >= 12000 ? reinterpret_cast<void*>(&fake_cuGetProcAddress_v2)
-                                : reinterpret_cast<void*>(&fake_cuGetProcAddress);
+        return version >= 13000   ? reinterpret_cast<void*>(&fake_unexported_lookup)
+               : version >= 12000 ? reinterpret_cast<void*>(&fake_cuGetProcAddress_v2)
+                                  : reinterpret_cast<void*>(&fake_cuGetProcAddress);
     return nullptr;
 }
 
@@ -211,6 +215,11 @@ FAKE_HIDDEN int fake_cuGetProcAddress_v2(const char* symbol, void** pfn, int ver
     return rc;
 }
 int cuGetProcAddress_v2(const char*, void**, int, unsigned long long, int*) FAKE_EXPORT_AS(fake_cuGetProcAddress_v2);
+
+FAKE_HIDDEN int fake_unexported_lookup(const char* symbol, void** pfn, int version, unsigned long long flags,
+                                       int* status) {
+    return fake_cuGetProcAddress_v2(symbol, pfn, version, flags, status);
+}
 
 // The runtime's lookups, as a CUDA 12 runtime's: cudaSuccess with the status
 // cudaDriverEntryPointSymbolNotFound (1) and a NULL output for a name the driver does not

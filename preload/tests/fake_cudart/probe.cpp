@@ -1154,6 +1154,15 @@ static int scenario_entry_points() {
     f = nullptr;
     lookups += cuGetProcAddress_v2("cuGetProcAddress", &f, 11030, 0, &status) == 0 && f == linked_v1;
     out("lookups_as_linked", lookups);
+    // A lookup the driver hands out at an address it does not export passes unchanged, and
+    // works.
+    f = nullptr;
+    void* g = nullptr;
+    bool unexported = cudaGetDriverEntryPointByVersion("cuGetProcAddress", &f, 13000, 0, &status) == 0 &&
+                      f != nullptr && f != linked_v1 && f != linked_v2 &&
+                      reinterpret_cast<cu_get_proc_address_v2_fn>(f)("cuDeviceGetCount", &g, 13000, 0, &status) == 0 &&
+                      g == linked_count;
+    out("unexported_lookup_unchanged", unexported);
 
     int others = 0;
     f = nullptr;
