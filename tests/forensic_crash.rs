@@ -507,7 +507,16 @@ fn a_crash_at_start_up_followed_by_an_immediate_restart_does_not_read_as_tamperi
 /// A stopped log of one file whose `stop` record is then removed: a chain whose writer
 /// died, ready to be continued. Returns the chain file.
 fn crashed_chain(c: &kvhygiene::config::LogConfig, keyed: bool) -> std::path::PathBuf {
-    write_log(c, 20, keyed);
+    crashed_chain_of(c, keyed, 20)
+}
+
+/// [`crashed_chain`] of `events` events.
+fn crashed_chain_of(
+    c: &kvhygiene::config::LogConfig,
+    keyed: bool,
+    events: u64,
+) -> std::path::PathBuf {
+    write_log(c, events, keyed);
     let files = chain_files(c.dir.as_ref().unwrap());
     assert_eq!(files.len(), 1);
     let file = files[0].clone();
@@ -1187,7 +1196,7 @@ fn a_start_up_that_failed_part_way_on_a_full_disk_leaves_no_torn_bytes_to_a_clea
     let tmp = tempfile::tempdir().unwrap();
     let dir = log_dir(&tmp);
     let c = cfg(&dir, 1 << 20);
-    let file = crashed_chain(&c, true);
+    let file = small_crashed_chain(&c);
     let whole = std::fs::metadata(&file).unwrap().len();
     let (failed, err) = start_up_without_room(&dir, whole + 10, 1 << 20);
     assert!(failed, "the start-up without room did not fail: {err}");
@@ -1203,6 +1212,19 @@ fn a_start_up_that_failed_part_way_on_a_full_disk_leaves_no_torn_bytes_to_a_clea
     );
 }
 
+/// A keyed crashed chain ([`crashed_chain`]) whose file, with 10 bytes more, is smaller than
+/// the room a new file is given at a rotation: under a file size limit 10 bytes over the
+/// file (standing in for a disk with that much room left), the next start-up can neither
+/// write its `recovery` record there nor go on in a new file.
+fn small_crashed_chain(c: &kvhygiene::config::LogConfig) -> std::path::PathBuf {
+    // The writer's ROTATE_ROOM + FINAL_ROOM.
+    const NEW_FILE_ROOM: u64 = 1024 + 4096;
+    let file = crashed_chain_of(c, true, 4);
+    let whole = std::fs::metadata(&file).unwrap().len();
+    assert!(whole + 10 < NEW_FILE_ROOM, "{whole} bytes");
+    file
+}
+
 /// A crashed chain that ended at a record's end, its file append-only (`chattr +a`, which
 /// allows appending): a start-up that fails part way through its first records (no room on
 /// the disk) leaves none of their bytes after the chain's end, so the next process still
@@ -1213,7 +1235,7 @@ fn a_failed_start_up_after_a_clean_end_of_an_append_only_file_leaves_it_continua
     let tmp = tempfile::tempdir().unwrap();
     let dir = log_dir(&tmp);
     let c = cfg(&dir, 1 << 20);
-    let file = crashed_chain(&c, true);
+    let file = small_crashed_chain(&c);
     let before = std::fs::read(&file).unwrap();
     let Some(_unmark) = Attribute::set(&file, "a") else {
         return;
@@ -1863,4 +1885,33 @@ fn a_crash_after_creating_the_next_file_is_continued_when_the_file_before_is_rea
         None
     };
     assert_continued_into(&dir, &c, &next);
+}
+
+/// A crashed chain whose file ends within the room the writer keeps under a file size limit
+/// (`RLIMIT_FSIZE`: files rotate [`FINAL_ROOM`] bytes under it) is continued by the next
+/// process under the same limit: its `recovery` record goes into a new file when the old one
+/// cannot hold it and still keep that room, rather than failing every start-up with `EFBIG`.
+#[test]
+fn a_chain_that_crashed_near_the_file_size_limit_is_continued_under_it() {
+    const FINAL_ROOM: u64 = 4096;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    let file = crashed_chain(&c, true);
+    let whole = std::fs::metadata(&file).unwrap().len();
+    // A file the writer could have left under this limit, with less room after it than a
+    // `recovery` record and the kept room take.
+    let limit = whole + FINAL_ROOM + 100;
+    let (failed, err) = start_up_without_room(&dir, limit, 1 << 20);
+    assert!(!failed, "the start-up under the limit failed: {err}");
+    let files = chain_files(&dir);
+    assert_eq!(files.len(), 2, "the chain did not go on in a new file");
+    for f in &files {
+        let len = std::fs::metadata(f).unwrap().len();
+        assert!(len <= limit, "{} is {len} bytes", f.display());
+    }
+    assert_eq!(recovery_records(&files[1..]).len(), 1, "{files:?}");
+    let r = verify(&dir, &keyed_opts());
+    assert!(r.ok(), "{:?}", r.first_problem());
+    assert_eq!(r.chains.len(), 1, "the crashed chain was not continued");
 }

@@ -240,7 +240,10 @@ impl ChainWriter {
             file: ForkClosed::new(file),
             file_len,
             reserved_to: 0,
-            max_bytes: cfg.max_bytes.max(4096),
+            // Within the file size limit from the first record: a chain taken over whose file
+            // ends within `FINAL_ROOM` of the limit (as files this writer rotates do) goes on
+            // in a new file, rather than fail every start-up on a file it may not grow.
+            max_bytes: within_file_size_limit(cfg.max_bytes.max(4096)),
             key,
             key_id,
             signing,
@@ -376,12 +379,6 @@ impl ChainWriter {
                 "cannot write the first signed checkpoint: {e}"
             )));
         }
-        // From here on files rotate within the file size limit. The first records went
-        // where the configured size put them: a chain taken over stays in its file, whose
-        // end recovery judged, and a start-up that could not write there failed (as on a
-        // full disk) rather than leave the chain. Files this writer rotates stay under the
-        // limit by `FINAL_ROOM`, so the next start-up's records fit after a crash.
-        w.max_bytes = within_file_size_limit(w.max_bytes);
         w.measure_room();
         Ok(w)
     }
