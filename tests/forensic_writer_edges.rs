@@ -578,6 +578,52 @@ fn a_disk_full_until_stop_still_gets_the_records_that_describe_the_loss() {
     };
     let dir = mount.join("log");
     let log = ForensicLog::open_with_secret(&cfg(&dir, 1 << 30), start(), Some(secret())).unwrap();
+    let i = fill_the_disk(&log);
+    // More while it stays full, then the end of the run.
+    for j in 0..64 {
+        log.emit(event(i + j));
+    }
+    log.flush();
+    log.stop();
+    assert_every_loss_recorded(&dir, &keyed_opts(), log.stats().records_lost);
+}
+
+/// The same with checkpoints signed, where an idle log writes its `lost` record without
+/// waiting for the next record: written while the disk stays full, each took part of the room
+/// kept for the last records, until the run's last `lost` and `stop` records no longer fit.
+/// They are written at the end of the run, and the room is kept for them until then.
+#[test]
+fn an_idle_signed_log_on_a_full_disk_keeps_the_room_for_its_last_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mount = tmp.path().join("fs");
+    fs::create_dir(&mount).unwrap();
+    let Some(_small) = Mounted::tmpfs(&mount, "256k", "") else {
+        return;
+    };
+    let dir = mount.join("log");
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("k")).unwrap();
+    let mut c = cfg(&dir, 1 << 30);
+    c.signing_key_file = Some(key);
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    let i = fill_the_disk(&log);
+    // Records refused one at a time, each followed by idle rounds long enough for the writer
+    // to try its `lost` record alone (after the first wait of its backoff, 100 ms).
+    for j in 0..16 {
+        log.emit(event(i + j));
+        log.flush();
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    log.stop();
+    let opts = kvhygiene::forensic::VerifyOptions {
+        public_keys: vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()],
+        checkpoints: vec![dir.clone()],
+        ..keyed_opts()
+    };
+    assert_every_loss_recorded(&dir, &opts, log.stats().records_lost);
+}
+
+/// Emits events until the log counts one lost (its disk full); returns how many it emitted.
+fn fill_the_disk(log: &ForensicLog) -> u64 {
     let mut i = 0;
     while log.stats().records_lost == 0 && i < 100_000 {
         log.emit(event(i));
@@ -587,38 +633,38 @@ fn a_disk_full_until_stop_still_gets_the_records_that_describe_the_loss() {
         }
     }
     assert!(log.stats().records_lost > 0, "the disk never filled");
-    // More while it stays full, then the end of the run.
-    for j in 0..64 {
-        log.emit(event(i + j));
-    }
-    log.flush();
-    log.stop();
-    let s = log.stats();
-    let r = verify(&dir, &keyed_opts());
+    i
+}
+
+/// Asserts that the stopped log in `dir` verifies, ends with a `lost` and a `stop` record, and
+/// counts `records_lost` (the run's losses) both in its `lost` records and in its `stop`
+/// record.
+fn assert_every_loss_recorded(
+    dir: &std::path::Path,
+    opts: &kvhygiene::forensic::VerifyOptions,
+    records_lost: u64,
+) {
+    let r = verify(dir, opts);
     assert!(r.ok(), "{r:?}");
     assert!(r.chains[0].closed, "no stop record: {r:?}");
-    let text = fs::read_to_string(&chain_files(&dir)[0]).unwrap();
-    let records: Vec<serde_json::Value> = text
-        .split_inclusive('\n')
-        .filter(|l| l.ends_with('\n'))
-        .map(|l| serde_json::from_str(l).unwrap())
+    let records: Vec<serde_json::Value> = chain_files(dir)
+        .iter()
+        .flat_map(|f| read_lines(f))
+        .map(|l| serde_json::from_str(&l).unwrap())
         .collect();
     let n = records.len();
-    let (lost, stop) = (&records[n - 2], &records[n - 1]);
+    let (last_lost, stop) = (&records[n - 2], &records[n - 1]);
     assert_eq!(
-        (lost["kind"].as_str(), stop["kind"].as_str()),
+        (last_lost["kind"].as_str(), stop["kind"].as_str()),
         (Some("lost"), Some("stop")),
-        "{lost}\n{stop}"
+        "{last_lost}\n{stop}"
     );
-    // Every loss of the run is in the log: the `lost` record's, and the stop record's total.
-    assert_eq!(
-        lost["records_lost"].as_u64(),
-        Some(s.records_lost),
-        "{lost}\n{s:?}"
-    );
-    assert_eq!(
-        stop["records_lost"].as_u64(),
-        Some(s.records_lost),
-        "{stop}"
-    );
+    // A write that fitted between two losses put a `lost` record of its own before it.
+    let in_lost_records: u64 = records
+        .iter()
+        .filter(|r| r["kind"] == "lost")
+        .map(|r| r["records_lost"].as_u64().unwrap())
+        .sum();
+    assert_eq!(in_lost_records, records_lost, "{last_lost}");
+    assert_eq!(stop["records_lost"].as_u64(), Some(records_lost), "{stop}");
 }

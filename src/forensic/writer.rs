@@ -773,10 +773,13 @@ impl ChainWriter {
     /// would kill the process (`SIGXFSZ`). A file system without `fallocate` is not asked.
     fn make_room(&mut self) -> io::Result<()> {
         let len = self.buf.len() as u64;
-        let keep = if self.holds_records_before_the_last() {
-            FINAL_ROOM
-        } else {
+        // Only the writer's last writes use the room: an idle log's `lost` record written into
+        // it while the disk stays full would leave less for the next one at each try, until
+        // the last `lost` and `stop` records no longer fit.
+        let keep = if self.finishing && !self.holds_records_before_the_last() {
             0
+        } else {
+            FINAL_ROOM
         };
         let needed = self.file_len + len + keep;
         if needed <= self.reserved_to {
@@ -794,7 +797,7 @@ impl ChainWriter {
 
     /// Whether the buffer holds a record other than those that describe a loss and close the
     /// chain (and a new file's `rotate` link, rebuilt after a failed write): such records
-    /// leave [`FINAL_ROOM`] free after them.
+    /// leave [`FINAL_ROOM`] free after them, also while the writer finishes.
     fn holds_records_before_the_last(&self) -> bool {
         let relink = self.at_fresh_file();
         self.buf_kinds
@@ -1465,13 +1468,25 @@ fn longer_than_written(text: &str, limit: usize) -> bool {
     text.len().saturating_mul(6).saturating_add(2) > limit && record::string_len(text) > limit
 }
 
-/// Characters of a start-up error kept in a `stop` record: far more than any error message,
-/// few enough that a record stays small.
-const START_FAILED_CHARS: usize = 1024;
+/// Bytes of a start-up error kept in a `stop` record, as the line holds it (escaped): far
+/// more than any error message, few enough that the `stop` record and a `lost` record still
+/// fit in the [`FINAL_ROOM`] kept for them.
+const START_FAILED_BYTES: usize = 1024;
 
-/// `text` cut to [`START_FAILED_CHARS`] characters.
+/// `text` cut, at a character's end, to at most [`START_FAILED_BYTES`] escaped bytes.
 fn bounded_text(text: &str) -> String {
-    text.chars().take(START_FAILED_CHARS).collect()
+    let mut written = 0;
+    let mut end = 0;
+    for (at, c) in text.char_indices() {
+        let next = at + c.len_utf8();
+        // Quotes aside: a character's bytes take what they take escaped.
+        written += record::string_len(&text[at..next]) - 2;
+        if written > START_FAILED_BYTES {
+            break;
+        }
+        end = next;
+    }
+    text[..end].to_string()
 }
 
 /// Whether sealing a record may rotate the file first.
@@ -1570,6 +1585,29 @@ mod tests {
     use std::path::Path;
 
     const TS: u64 = 1_700_000_000_000_000_000;
+
+    /// A start-up error is kept to its bound as the `stop` record writes it, escapes counted,
+    /// and cut only at a character's end.
+    #[test]
+    fn a_start_up_error_is_bounded_by_its_escaped_bytes() {
+        let short = "cannot open /dev/nvidia0: \u{1} é";
+        assert_eq!(bounded_text(short), short);
+        for text in [
+            "\u{1}".repeat(START_FAILED_BYTES),
+            "é".repeat(START_FAILED_BYTES),
+            "x".repeat(START_FAILED_BYTES + 1),
+            format!("{}\u{1f}", "x".repeat(START_FAILED_BYTES - 3)),
+        ] {
+            let kept = bounded_text(&text);
+            let written = record::string_len(&kept) - 2;
+            assert!(written <= START_FAILED_BYTES, "{written} bytes");
+            assert!(
+                written > START_FAILED_BYTES - 6,
+                "cut short: {written} bytes"
+            );
+            assert!(text.starts_with(&kept));
+        }
+    }
 
     /// The shortcut for short texts gives the answer the walk gives, at the edges of both.
     #[test]
