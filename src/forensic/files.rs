@@ -733,15 +733,21 @@ pub fn reserve(file: &File, offset: u64, len: u64) -> io::Result<()> {
     if n == 0 {
         return Ok(());
     }
-    // SAFETY: the descriptor is open for as long as `file` is borrowed; with
-    // FALLOC_FL_KEEP_SIZE the call only allocates blocks, the file's size and bytes unchanged.
-    if unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, at, n) } == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EOPNOTSUPP | libc::ENOSYS) => Ok(()),
-        _ => Err(e),
+    loop {
+        // SAFETY: the descriptor is open for as long as `file` is borrowed; with
+        // FALLOC_FL_KEEP_SIZE the call only allocates blocks, the file's size and bytes
+        // unchanged.
+        if unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, at, n) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP | libc::ENOSYS) => return Ok(()),
+            // A signal handled while the call waited (the inference process's own): the
+            // blocks allocated so far stay, and the call takes up the rest.
+            Some(libc::EINTR) => continue,
+            _ => return Err(e),
+        }
     }
 }
 

@@ -1093,6 +1093,7 @@ impl ChainWriter {
             *lock(&self.shared.last_error) = Some(e.to_string());
             return Err(e);
         }
+        self.give_back_room();
         self.file = ForkClosed::new(file); // the old file (and its lock) is released here
         self.index += 1;
         self.file_len = 0;
@@ -1395,6 +1396,20 @@ impl ChainWriter {
         self.finishing = false;
         self.sync();
         let _ = self.checkpoint();
+        self.give_back_room();
+    }
+
+    /// Frees the disk space allocated ahead past the end of a file the chain leaves (at a
+    /// rotation, once the next file has its room; at stop): kept, it would stay taken, up to
+    /// [`ROOM_AHEAD`] and [`FINAL_ROOM`] a file, for as long as the file is kept. A file cut
+    /// to its own length keeps no block past it (ext4 and XFS free them). The bytes after
+    /// `file_len` were cut before (`cut_torn_tail`): the cut takes nothing written. An
+    /// append-only or immutable file refuses the cut (EPERM) and keeps the blocks.
+    fn give_back_room(&mut self) {
+        if self.reserved_to > self.file_len && self.cut_torn_tail().is_ok() {
+            let _ = self.file.set_len(self.file_len);
+        }
+        self.reserved_to = 0;
     }
 }
 
