@@ -693,3 +693,37 @@ fn the_room_allocated_ahead_is_given_back_when_the_chain_leaves_a_file() {
         );
     }
 }
+
+/// A disk full while the active file is at its size: every record would start the next
+/// file, which the disk refuses, and goes into the file it is in while there is room. The
+/// rotation is tried again after a wait (100 ms, doubled at each failure up to 2 s), not for
+/// each record: before, a full disk cost a file made and removed, and an error counted, for
+/// every record.
+#[test]
+fn a_full_disk_is_not_asked_for_a_new_file_at_every_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mount = tmp.path().join("fs");
+    fs::create_dir(&mount).unwrap();
+    let Some(_small) = Mounted::tmpfs(&mount, "256k", "") else {
+        return;
+    };
+    let dir = mount.join("log");
+    let log = ForensicLog::open_with_secret(&cfg(&dir, 16 << 10), start(), Some(secret())).unwrap();
+    let i = fill_the_disk(&log);
+    for j in 0..40 {
+        log.emit(event(i + j));
+        log.flush();
+    }
+    let s = log.stats();
+    log.stop();
+    // A failed write counts one error for the records it loses; the rotations add a few.
+    assert!(
+        s.write_errors <= s.records_lost + 10,
+        "{} write errors for {} records lost: {:?}",
+        s.write_errors,
+        s.records_lost,
+        s.last_error
+    );
+    let r = verify(&dir, &keyed_opts());
+    assert!(r.ok() && r.chains[0].closed, "{r:?}");
+}

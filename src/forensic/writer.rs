@@ -110,6 +110,11 @@ pub(crate) struct ChainWriter {
     /// While writes fail: when a buffer holding nothing new is next tried, and the wait
     /// after that try fails (see [`WriteRetry`]).
     write_retry: WriteRetry,
+    /// After a failed rotation (a full disk): when the next is tried. Until then the chain
+    /// stays in its file, and a record that would overflow it goes in all the same (or is
+    /// refused, as the disk would refuse it), without the file system calls (and the error)
+    /// of a try per record.
+    rotate_retry: WriteRetry,
     /// When [`ChainWriter::check_file_in_place`] last looked.
     last_file_check: Instant,
     last_room_measure: Instant,
@@ -125,7 +130,7 @@ pub(crate) struct ChainWriter {
 
 /// Backs off the writes that hold nothing new while writes keep failing (a full disk): the
 /// records a failed write leaves to be rebuilt, an idle log's `lost` record and a new file's
-/// `rotate` link. Each failed try doubles the wait before the next, from
+/// `rotate` link; and, apart, the rotations that keep failing. Each failed try doubles the wait before the next, from
 /// [`WriteRetry::FIRST`] up to [`WriteRetry::MAX`], so that `write_errors` grows with the
 /// events a full disk costs rather than with the writer's ticks. A record emitted meanwhile
 /// is written at once, the rebuilt ones before it; a successful write starts the waits again
@@ -272,6 +277,7 @@ impl ChainWriter {
             records_since_ckpt: 0,
             last_ckpt: Instant::now(),
             write_retry: WriteRetry::new(),
+            rotate_retry: WriteRetry::new(),
             last_file_check: Instant::now(),
             last_room_measure: Instant::now(),
             file_gone: false,
@@ -1056,9 +1062,27 @@ impl ChainWriter {
         }
     }
 
+    /// Starts the next file ([`ChainWriter::rotate_now`]), unless a rotation failed too
+    /// recently to try again ([`ChainWriter::rotate_retry`]). Away from a file found gone it
+    /// is always tried: every record until then is lost.
+    fn rotate(&mut self, ts: u64) -> Result<(), ForensicError> {
+        let now = Instant::now();
+        if !self.file_gone && !self.rotate_retry.may_try(now) {
+            return Err(ForensicError::Io(
+                "the last rotation failed: the next try waits".into(),
+            ));
+        }
+        let rotated = self.rotate_now(ts);
+        match rotated {
+            Ok(()) => self.rotate_retry = WriteRetry::new(),
+            Err(_) => self.rotate_retry.failed(now),
+        }
+        rotated
+    }
+
     /// Starts the next file: create (locked) before the old one is released, ratchet the
     /// key, fsync the directory, then link the new file to the old one.
-    fn rotate(&mut self, ts: u64) -> Result<(), ForensicError> {
+    fn rotate_now(&mut self, ts: u64) -> Result<(), ForensicError> {
         // A failed write may have left part of a line, which a write cuts before it appends;
         // a file rotated with nothing buffered is never written again, so it is cut here, or
         // not rotated (a rotated file must end with its last record).
@@ -1363,9 +1387,10 @@ impl ChainWriter {
     fn finish(&mut self) {
         self.check_file_now();
         self.finishing = true;
-        // Its own backoff, from the first step: earlier failures may have taken the shared
-        // one to its longest wait, which would leave no second try before the deadline.
+        // Its own backoffs, from the first step: earlier failures may have taken the shared
+        // ones to their longest wait, which would leave no second try before the deadline.
         self.write_retry = WriteRetry::new();
+        self.rotate_retry = WriteRetry::new();
         let deadline = Instant::now() + FINISH_RETRY;
         loop {
             let ts = unix_nanos(SystemTime::now());
