@@ -449,14 +449,15 @@ fn await_first_checkpoints(
     Ok(())
 }
 
-/// How many times a chain is verified again from a new listing (see [`verify_listed`]).
-/// One is enough for a `prune-log` run, which moves a chain's files once: more covers a
-/// chain whose files it moves while the second reading runs.
+/// How many times a chain is verified again from a new listing that holds no fewer of its
+/// files than the one before (see [`verify_listed`]). One is enough for a `prune-log` run,
+/// which moves a chain's files once: more covers a chain whose files it moves while the
+/// second reading runs.
 const MAX_RELISTS: usize = 3;
 
 /// Verifies one chain from the files listed for it and its manifest as loaded; when that
-/// finds a problem and a listed file is gone now, from a new listing, up to
-/// [`MAX_RELISTS`] times. `None`: a chain that never started, gone whole since the listing
+/// finds a problem and a listed file is gone now, from a new listing: again while each
+/// listing holds fewer files than the one before, and [`MAX_RELISTS`] times more. `None`: a chain that never started, gone whole since the listing
 /// (a start-up removes such a chain), of which nothing is left to report.
 ///
 /// A `prune-log` run that moves the chain meanwhile writes its manifest and then removes
@@ -483,7 +484,12 @@ fn verify_listed(
         && report.torn_bytes <= files::MAX_UNSTARTED_BYTES;
     let mut list = list.to_vec();
     let mut ckpt = ckpt.cloned();
-    for _ in 0..MAX_RELISTS {
+    // A prune removes the files it moved one at a time, oldest first: a reading slower than
+    // the removals (on a loaded machine) can find a newly removed file in each of its
+    // readings. A listing that holds fewer files than the one before is that progress, and
+    // is not counted: the files run out, so the readings do too.
+    let mut relists_left = MAX_RELISTS;
+    while relists_left > 0 {
         if report.ok() || !list.iter().any(|(_, path)| files::is_missing(path)) {
             break;
         }
@@ -491,11 +497,15 @@ fn verify_listed(
         // have gone by a later checkpoint, which allowed it to move the file of this one.
         ckpt = newer_checkpoint(chain, opts, ckpt);
         let ckpt = ckpt.as_ref();
-        list = list_all(dir, opts)?
+        let listed = list_all(dir, opts)?
             .into_iter()
             .find(|(id, _)| id == chain)
             .map(|(_, l)| l)
             .unwrap_or_default();
+        if listed.len() >= list.len() {
+            relists_left -= 1;
+        }
+        list = listed;
         let manifest = if pruned_reading(opts) {
             load_manifest(dir, chain, &manifest_keys(opts).map_err(VerifyError)?)
         } else {
