@@ -591,7 +591,8 @@ fn a_disk_full_until_stop_still_gets_the_records_that_describe_the_loss() {
 /// The same with checkpoints signed, where an idle log writes its `lost` record without
 /// waiting for the next record: written while the disk stays full, each took part of the room
 /// kept for the last records, until the run's last `lost` and `stop` records no longer fit.
-/// They are written at the end of the run, and the room is kept for them until then.
+/// Such a record is written while the room left after it still holds those two, and the
+/// rest wait for the end of the run.
 #[test]
 fn an_idle_signed_log_on_a_full_disk_keeps_the_room_for_its_last_records() {
     let tmp = tempfile::tempdir().unwrap();
@@ -726,4 +727,34 @@ fn a_full_disk_is_not_asked_for_a_new_file_at_every_record() {
     );
     let r = verify(&dir, &keyed_opts());
     assert!(r.ok() && r.chains[0].closed, "{r:?}");
+}
+
+/// The room given back when the chain leaves a file is given back only from a file of the
+/// length its records make: one cut short from outside while in use (`copytruncate`, or
+/// tampering) is not padded with zeros up to where the writer's records ended.
+#[test]
+fn a_file_cut_short_from_outside_is_not_padded_when_the_chain_leaves_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let log = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), Some(secret())).unwrap();
+    for i in 0..10 {
+        log.emit(event(i));
+    }
+    log.flush();
+    let file = chain_files(&dir)[0].clone();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    log.emit(event(10));
+    log.stop();
+    let bytes = fs::read(&file).unwrap();
+    assert!(
+        !bytes.contains(&0),
+        "{} of its {} bytes are zeros",
+        bytes.iter().filter(|&&b| b == 0).count(),
+        bytes.len()
+    );
 }

@@ -743,8 +743,8 @@ pub fn reserve(file: &File, offset: u64, len: u64) -> io::Result<()> {
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EOPNOTSUPP | libc::ENOSYS) => return Ok(()),
-            // A signal handled while the call waited (the inference process's own): the
-            // blocks allocated so far stay, and the call takes up the rest.
+            // A signal handled while the call waited (the inference process's own): asked
+            // again, whatever the interrupted call allocated or undid.
             Some(libc::EINTR) => continue,
             _ => return Err(e),
         }

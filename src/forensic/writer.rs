@@ -133,8 +133,8 @@ pub(crate) struct ChainWriter {
 /// `rotate` link; and, apart, the rotations that keep failing. Each failed try doubles the wait before the next, from
 /// [`WriteRetry::FIRST`] up to [`WriteRetry::MAX`], so that `write_errors` grows with the
 /// events a full disk costs rather than with the writer's ticks. A record emitted meanwhile
-/// is written at once, the rebuilt ones before it; a successful write starts the waits again
-/// from the first.
+/// is written at once, the rebuilt ones before it; a successful write (for rotations, a
+/// successful rotation) starts the waits again from the first.
 #[derive(Debug, Clone, Copy)]
 struct WriteRetry {
     not_before: Option<Instant>,
@@ -779,15 +779,7 @@ impl ChainWriter {
     /// would kill the process (`SIGXFSZ`). A file system without `fallocate` is not asked.
     fn make_room(&mut self) -> io::Result<()> {
         let len = self.buf.len() as u64;
-        // Only the writer's last writes use the room: an idle log's `lost` record written into
-        // it while the disk stays full would leave less for the next one at each try, until
-        // the last `lost` and `stop` records no longer fit.
-        let keep = if self.finishing && !self.holds_records_before_the_last() {
-            0
-        } else {
-            FINAL_ROOM
-        };
-        let needed = self.file_len + len + keep;
+        let needed = self.file_len + len + self.room_to_keep();
         if needed <= self.reserved_to {
             return Ok(());
         }
@@ -799,6 +791,21 @@ impl ChainWriter {
         files::reserve(&self.file, self.file_len, needed - self.file_len)?;
         self.reserved_to = needed;
         Ok(())
+    }
+
+    /// The room the buffer's records leave free after them on the disk.
+    fn room_to_keep(&self) -> u64 {
+        if self.holds_records_before_the_last() {
+            FINAL_ROOM
+        } else if self.finishing {
+            0
+        } else {
+            // An idle log's `lost` record (or a new file's link) before the end of the run
+            // goes into the room down to what the last `lost` and `stop` records take: on
+            // disk before a crash could take its count with it, and never in their place
+            // however long the disk stays full.
+            LAST_ROOM
+        }
     }
 
     /// Whether the buffer holds a record other than those that describe a loss and close the
@@ -1063,11 +1070,12 @@ impl ChainWriter {
     }
 
     /// Starts the next file ([`ChainWriter::rotate_now`]), unless a rotation failed too
-    /// recently to try again ([`ChainWriter::rotate_retry`]). Away from a file found gone it
-    /// is always tried: every record until then is lost.
+    /// recently to try again ([`ChainWriter::rotate_retry`]). It is always tried when the
+    /// records cannot stay in this file: away from a file found gone, and for a record the
+    /// file size limit keeps out of it; every record until then is lost.
     fn rotate(&mut self, ts: u64) -> Result<(), ForensicError> {
         let now = Instant::now();
-        if !self.file_gone && !self.rotate_retry.may_try(now) {
+        if !self.file_gone && !self.past_file_size_limit() && !self.rotate_retry.may_try(now) {
             return Err(ForensicError::Io(
                 "the last rotation failed: the next try waits".into(),
             ));
@@ -1078,6 +1086,14 @@ impl ChainWriter {
             Err(_) => self.rotate_retry.failed(now),
         }
         rotated
+    }
+
+    /// Whether the buffer and the record being sealed, with the room kept after them, would
+    /// take this file past the file size limit (`RLIMIT_FSIZE`): written here, they would be
+    /// refused.
+    fn past_file_size_limit(&self) -> bool {
+        let pending = self.buf.len() as u64 + self.sealing.map_or(0, |(_, len)| len);
+        files::file_size_limit().is_some_and(|limit| self.file_len + pending + FINAL_ROOM > limit)
     }
 
     /// Starts the next file: create (locked) before the old one is released, ratchet the
@@ -1427,20 +1443,27 @@ impl ChainWriter {
     /// Frees the disk space allocated ahead past the end of a file the chain leaves (at a
     /// rotation, once the next file has its room; at stop): kept, it would stay taken, up to
     /// [`ROOM_AHEAD`] and [`FINAL_ROOM`] a file, for as long as the file is kept. A file cut
-    /// to its own length keeps no block past it (ext4 and XFS free them). The bytes after
-    /// `file_len` were cut before (`cut_torn_tail`): the cut takes nothing written. An
-    /// append-only or immutable file refuses the cut (EPERM) and keeps the blocks.
+    /// to its own length keeps no block past it (ext4 and XFS free them). An
+    /// append-only or immutable file refuses the cut (EPERM) and keeps the blocks. A file
+    /// of another length than the writer's records (cut short from outside) is left as it
+    /// is: the cut would take what is after `file_len`, or pad it with zeros up to there.
     fn give_back_room(&mut self) {
-        if self.reserved_to > self.file_len && self.cut_torn_tail().is_ok() {
+        let reserved = std::mem::take(&mut self.reserved_to) > self.file_len;
+        if reserved && self.file.metadata().is_ok_and(|m| m.len() == self.file_len) {
             let _ = self.file.set_len(self.file_len);
         }
-        self.reserved_to = 0;
     }
 }
 
 /// Room kept free after the records written, for the `lost` and `stop` records that describe
 /// a loss and close the chain (each well under 1 KiB: their fields are counts and names).
 const FINAL_ROOM: u64 = 4096;
+
+/// The part of [`FINAL_ROOM`] that an idle log's `lost` records leave free, before the end
+/// of the run: the last `lost` record and the `stop` record at their largest (every record
+/// kind lost, a `start_failed` text of [`START_FAILED_BYTES`], counts of 20 digits) take
+/// under 2.75 KiB, MACs included (`the_last_lost_and_stop_records_fit_in_the_room_left_for_them`).
+const LAST_ROOM: u64 = 3072;
 
 /// Room a new file is given for its `rotate` link (a few hundred bytes) before the chain
 /// moves there.
@@ -1625,6 +1648,164 @@ mod tests {
     use std::path::Path;
 
     const TS: u64 = 1_700_000_000_000_000_000;
+
+    /// A rotation that failed a moment ago is not tried again at once, unless the record that
+    /// asks for it cannot go in the file it is in: the file size limit keeps it out, and
+    /// written there it would be refused (lost) until the wait is over.
+    #[test]
+    fn a_record_the_file_size_limit_keeps_out_rotates_without_waiting() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let mut w = open(&dir);
+        // Far above anything a test writes; only the soft limit changes, and it is put back.
+        const LIMIT: u64 = 1 << 40;
+        let mut old = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit read and write the rlimit values owned by this
+        // frame; the soft limit set stays within the hard one, which is unchanged.
+        unsafe {
+            assert_eq!(libc::getrlimit(libc::RLIMIT_FSIZE, &mut old), 0);
+            if old.rlim_max != libc::RLIM_INFINITY && old.rlim_max < LIMIT {
+                return;
+            }
+            let soft = libc::rlimit {
+                rlim_cur: LIMIT,
+                rlim_max: old.rlim_max,
+            };
+            assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &soft), 0);
+        }
+        w.file_len = LIMIT - FINAL_ROOM - 100;
+        w.sealing = Some(("quarantine", 100));
+        let within = w.past_file_size_limit();
+        w.sealing = Some(("quarantine", 101));
+        let past = w.past_file_size_limit();
+        w.rotate_retry.failed(Instant::now());
+        let waited = w.rotate(TS).is_err();
+        // SAFETY: as above; the limits read before are put back.
+        unsafe {
+            assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &old), 0);
+        }
+        assert!(!within && past, "within: {within}, past: {past}");
+        assert!(!waited, "the rotation waited");
+        assert_eq!(w.index, 1);
+        w.sealing = None;
+        // In the new file, the same wait holds a rotation back.
+        w.rotate_retry.failed(Instant::now());
+        assert!(w.rotate(TS).is_err(), "a rotation tried again at once");
+        w.buf.clear();
+        w.buf_kinds.clear();
+    }
+
+    /// What each write leaves free after it: [`FINAL_ROOM`] after any record but the last
+    /// ones; [`LAST_ROOM`] after an idle log's `lost` record, written before the end of the
+    /// run; nothing after the last `lost` and `stop` records, which use the room.
+    #[test]
+    fn each_write_keeps_the_room_the_records_after_it_need() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let mut w = open(&dir);
+        let lost = |w: &mut ChainWriter| {
+            w.lost = Some(Lost {
+                records: 1,
+                ..Default::default()
+            });
+            w.append_lost_record(TS, Rotation::Done);
+        };
+        let stop = |w: &mut ChainWriter| {
+            let f = w.stop_fields();
+            w.seal_into_buffer("stop", record::fields_from_map(f), TS, Rotation::Done);
+        };
+        lost(&mut w);
+        assert_eq!(w.room_to_keep(), LAST_ROOM, "an idle log's lost record");
+        small(&mut w, 1);
+        assert_eq!(
+            w.room_to_keep(),
+            FINAL_ROOM,
+            "a lost record and the next record"
+        );
+        w.finishing = true;
+        stop(&mut w);
+        assert_eq!(
+            w.room_to_keep(),
+            FINAL_ROOM,
+            "records before the stop record"
+        );
+        w.buf.clear();
+        w.buf_kinds.clear();
+        lost(&mut w);
+        stop(&mut w);
+        assert_eq!(w.room_to_keep(), 0, "the last lost and stop records");
+        w.buf.clear();
+        w.buf_kinds.clear();
+        w.finishing = false;
+    }
+
+    /// The last `lost` and `stop` records at their largest fit in [`LAST_ROOM`], the room an
+    /// idle log's earlier `lost` records leave them.
+    #[test]
+    fn the_last_lost_and_stop_records_fit_in_the_room_left_for_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        // Sealed, as a production log's records are: each carries its MAC.
+        let key = EpochKey::from_secret(zeroize::Zeroizing::new(vec![7u8; 32])).unwrap();
+        let start = StartInfo::current(Config::default().canonical_json());
+        let cfg = test_cfg(&dir);
+        let mut w =
+            ChainWriter::open(&cfg, &start, Some(key), Arc::new(Shared::default())).unwrap();
+        let kinds = [
+            "verify_failed",
+            "quarantine",
+            "release",
+            "invalid_free",
+            "size_mismatch",
+            "ttl_exceeded",
+            "ipc_export",
+            "policy_violation",
+            "kv_scrub",
+            "kv_verify_failed",
+            "anomaly",
+            "summary",
+            "checkpoint",
+            "process",
+            "start",
+            "recovery",
+            "rotate",
+        ];
+        w.lost = Some(Lost {
+            records: u64::MAX,
+            bytes: u64::MAX,
+            kinds: kinds.iter().map(|k| (k.to_string(), u64::MAX)).collect(),
+            since_ts: u64::MAX,
+            error: format!(
+                "{}: write failed: the file was removed from the log directory or replaced \
+                 while in use",
+                files::file_name(&w.chain, u64::MAX)
+            ),
+        });
+        w.start_failed = Some(bounded_text(&"\u{1}".repeat(4 * START_FAILED_BYTES)));
+        w.shared
+            .records_written
+            .store(u64::MAX / 2, Ordering::Relaxed);
+        w.shared.records_lost.store(u64::MAX, Ordering::Relaxed);
+        w.seq = u64::MAX / 2;
+        w.buf.clear();
+        w.buf_kinds.clear();
+        let ts = u64::MAX;
+        w.append_lost_record(ts, Rotation::Done);
+        let f = w.stop_fields();
+        w.seal_into_buffer("stop", record::fields_from_map(f), ts, Rotation::Done);
+        assert_eq!(w.buf_kinds, ["lost", "stop"]);
+        assert!(
+            w.buf.len() as u64 <= LAST_ROOM,
+            "{} bytes: {}",
+            w.buf.len(),
+            String::from_utf8_lossy(&w.buf)
+        );
+        w.buf.clear();
+        w.buf_kinds.clear();
+    }
 
     /// A start-up error is kept to its bound as the `stop` record writes it, escapes counted,
     /// and cut only at a character's end.
