@@ -487,9 +487,13 @@ fn verify_listed(
     // A prune removes the files it moved one at a time, oldest first: a reading slower than
     // the removals (on a loaded machine) can find a newly removed file in each of its
     // readings. A listing that holds fewer files than the one before is that progress, and
-    // is not counted: the files run out, so the readings do too.
+    // is not counted; all in all, a chain is read at most once a file it was listed with,
+    // and `MAX_RELISTS` times more (files deleted one at a time while it is read, by
+    // whoever tampers with it, cost no more than that).
     let mut relists_left = MAX_RELISTS;
-    while relists_left > 0 {
+    let mut readings_left = list.len() + MAX_RELISTS;
+    while relists_left > 0 && readings_left > 0 {
+        readings_left -= 1;
         if report.ok() || !list.iter().any(|(_, path)| files::is_missing(path)) {
             break;
         }

@@ -1070,12 +1070,15 @@ impl ChainWriter {
     }
 
     /// Starts the next file ([`ChainWriter::rotate_now`]), unless a rotation failed too
-    /// recently to try again ([`ChainWriter::rotate_retry`]). It is always tried when the
-    /// records cannot stay in this file: away from a file found gone, and for a record the
-    /// file size limit keeps out of it; every record until then is lost.
+    /// recently to try again ([`ChainWriter::rotate_retry`]). It is tried all the same when
+    /// the records cannot stay in this file, every record until then being lost: away from a
+    /// file found gone, and for a record the file size limit keeps out of it once the disk
+    /// has room for a new file again (as last measured: a full disk still waits).
     fn rotate(&mut self, ts: u64) -> Result<(), ForensicError> {
         let now = Instant::now();
-        if !self.file_gone && !self.past_file_size_limit() && !self.rotate_retry.may_try(now) {
+        let cannot_stay =
+            self.file_gone || (self.past_file_size_limit() && self.disk_has_room_for_a_file());
+        if !cannot_stay && !self.rotate_retry.may_try(now) {
             return Err(ForensicError::Io(
                 "the last rotation failed: the next try waits".into(),
             ));
@@ -1094,6 +1097,15 @@ impl ChainWriter {
     fn past_file_size_limit(&self) -> bool {
         let pending = self.buf.len() as u64 + self.sealing.map_or(0, |(_, len)| len);
         files::file_size_limit().is_some_and(|limit| self.file_len + pending + FINAL_ROOM > limit)
+    }
+
+    /// Whether the room last measured on the log's file system ([`ChainWriter::measure_room`])
+    /// holds what a new file is given.
+    fn disk_has_room_for_a_file(&self) -> bool {
+        self.shared
+            .free_bytes
+            .get()
+            .is_some_and(|room| room >= ROTATE_ROOM + FINAL_ROOM)
     }
 
     /// Starts the next file: create (locked) before the old one is released, ratchet the
@@ -1650,8 +1662,8 @@ mod tests {
     const TS: u64 = 1_700_000_000_000_000_000;
 
     /// A rotation that failed a moment ago is not tried again at once, unless the record that
-    /// asks for it cannot go in the file it is in: the file size limit keeps it out, and
-    /// written there it would be refused (lost) until the wait is over.
+    /// asks for it cannot go in the file it is in (the file size limit keeps it out: written
+    /// there it would be refused, lost, until the wait is over) and the disk has room again.
     #[test]
     fn a_record_the_file_size_limit_keeps_out_rotates_without_waiting() {
         let tmp = tempfile::tempdir().unwrap();
@@ -1682,12 +1694,20 @@ mod tests {
         w.sealing = Some(("quarantine", 101));
         let past = w.past_file_size_limit();
         w.rotate_retry.failed(Instant::now());
+        // A disk still full (as last measured): the rotation waits, as any other.
+        w.shared.free_bytes.set(Some(ROTATE_ROOM + FINAL_ROOM - 1));
+        let waited_while_full = w.rotate(TS).is_err();
+        w.shared.free_bytes.set(Some(1 << 30));
         let waited = w.rotate(TS).is_err();
         // SAFETY: as above; the limits read before are put back.
         unsafe {
             assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &old), 0);
         }
         assert!(!within && past, "within: {within}, past: {past}");
+        assert!(
+            waited_while_full,
+            "a rotation tried again at once on a full disk"
+        );
         assert!(!waited, "the rotation waited");
         assert_eq!(w.index, 1);
         w.sealing = None;
