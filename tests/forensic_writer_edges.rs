@@ -571,12 +571,9 @@ fn a_log_with_a_large_summary_written_before_the_bound_still_verifies() {
 #[test]
 fn a_disk_full_until_stop_still_gets_the_records_that_describe_the_loss() {
     let tmp = tempfile::tempdir().unwrap();
-    let mount = tmp.path().join("fs");
-    fs::create_dir(&mount).unwrap();
-    let Some(_small) = Mounted::tmpfs(&mount, "256k", "") else {
+    let Some((_small, dir)) = small_disk(&tmp) else {
         return;
     };
-    let dir = mount.join("log");
     let log = ForensicLog::open_with_secret(&cfg(&dir, 1 << 30), start(), Some(secret())).unwrap();
     let i = fill_the_disk(&log);
     // More while it stays full, then the end of the run.
@@ -596,12 +593,9 @@ fn a_disk_full_until_stop_still_gets_the_records_that_describe_the_loss() {
 #[test]
 fn an_idle_signed_log_on_a_full_disk_keeps_the_room_for_its_last_records() {
     let tmp = tempfile::tempdir().unwrap();
-    let mount = tmp.path().join("fs");
-    fs::create_dir(&mount).unwrap();
-    let Some(_small) = Mounted::tmpfs(&mount, "256k", "") else {
+    let Some((_small, dir)) = small_disk(&tmp) else {
         return;
     };
-    let dir = mount.join("log");
     let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("k")).unwrap();
     let mut c = cfg(&dir, 1 << 30);
     c.signing_key_file = Some(key);
@@ -621,6 +615,15 @@ fn an_idle_signed_log_on_a_full_disk_keeps_the_room_for_its_last_records() {
         ..keyed_opts()
     };
     assert_every_loss_recorded(&dir, &opts, log.stats().records_lost);
+}
+
+/// A log directory on a file system of 256 KiB mounted in `tmp` (a tmpfs, unmounted when the
+/// guard is dropped); `None` where this process may not mount one.
+fn small_disk(tmp: &tempfile::TempDir) -> Option<(Mounted, std::path::PathBuf)> {
+    let mount = tmp.path().join("fs");
+    fs::create_dir(&mount).unwrap();
+    let small = Mounted::tmpfs(&mount, "256k", "")?;
+    Some((small, mount.join("log")))
 }
 
 /// Emits events until the log counts one lost (its disk full); returns how many it emitted.
@@ -703,12 +706,9 @@ fn the_room_allocated_ahead_is_given_back_when_the_chain_leaves_a_file() {
 #[test]
 fn a_full_disk_is_not_asked_for_a_new_file_at_every_record() {
     let tmp = tempfile::tempdir().unwrap();
-    let mount = tmp.path().join("fs");
-    fs::create_dir(&mount).unwrap();
-    let Some(_small) = Mounted::tmpfs(&mount, "256k", "") else {
+    let Some((_small, dir)) = small_disk(&tmp) else {
         return;
     };
-    let dir = mount.join("log");
     let log = ForensicLog::open_with_secret(&cfg(&dir, 16 << 10), start(), Some(secret())).unwrap();
     let i = fill_the_disk(&log);
     for j in 0..40 {

@@ -457,8 +457,9 @@ const MAX_RELISTS: usize = 3;
 
 /// Verifies one chain from the files listed for it and its manifest as loaded; when that
 /// finds a problem and a listed file is gone now, from a new listing: again while each
-/// listing holds fewer files than the one before, and [`MAX_RELISTS`] times more. `None`: a chain that never started, gone whole since the listing
-/// (a start-up removes such a chain), of which nothing is left to report.
+/// listing holds fewer files than the one before, and [`MAX_RELISTS`] times more. `None`: a
+/// chain that never started, gone whole since the listing (a start-up removes such a
+/// chain), of which nothing is left to report.
 ///
 /// A `prune-log` run that moves the chain meanwhile writes its manifest and then removes
 /// the files it moved, oldest first: a verification that listed them finds one gone when it

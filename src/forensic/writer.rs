@@ -129,12 +129,13 @@ pub(crate) struct ChainWriter {
 }
 
 /// Backs off the writes that hold nothing new while writes keep failing (a full disk): the
-/// records a failed write leaves to be rebuilt, an idle log's `lost` record and a new file's
-/// `rotate` link; and, apart, the rotations that keep failing. Each failed try doubles the wait before the next, from
-/// [`WriteRetry::FIRST`] up to [`WriteRetry::MAX`], so that `write_errors` grows with the
-/// events a full disk costs rather than with the writer's ticks. A record emitted meanwhile
-/// is written at once, the rebuilt ones before it; a successful write (for rotations, a
-/// successful rotation) starts the waits again from the first.
+/// records a failed write leaves to be rebuilt, an idle log's `lost` record and a new
+/// file's `rotate` link; and, apart, the rotations that keep failing. Each failed try
+/// doubles the wait before the next, from [`WriteRetry::FIRST`] up to [`WriteRetry::MAX`],
+/// so that `write_errors` grows with the events a full disk costs rather than with the
+/// writer's ticks. A record emitted meanwhile is written at once, the rebuilt ones before
+/// it; a successful write (for rotations, a successful rotation) starts the waits again
+/// from the first.
 #[derive(Debug, Clone, Copy)]
 struct WriteRetry {
     not_before: Option<Instant>,
@@ -1471,10 +1472,10 @@ impl ChainWriter {
 /// a loss and close the chain (each well under 1 KiB: their fields are counts and names).
 const FINAL_ROOM: u64 = 4096;
 
-/// The part of [`FINAL_ROOM`] that an idle log's `lost` records leave free, before the end
-/// of the run: the last `lost` record and the `stop` record at their largest (every record
-/// kind lost, a `start_failed` text of [`START_FAILED_BYTES`], counts of 20 digits) take
-/// under 2.75 KiB, MACs included (`the_last_lost_and_stop_records_fit_in_the_room_left_for_them`).
+/// The part of [`FINAL_ROOM`] that an idle log's `lost` records leave free, before the end of
+/// the run: the last `lost` record and the `stop` record at their largest (every record kind
+/// lost, a `start_failed` text of [`START_FAILED_BYTES`], counts of 20 digits) take about
+/// 2.7 KiB, MACs included (`the_last_lost_and_stop_records_fit_in_the_room_left_for_them`).
 const LAST_ROOM: u64 = 3072;
 
 /// Room a new file is given for its `rotate` link (a few hundred bytes) before the chain
