@@ -49,6 +49,10 @@
 // parses them.
 
 #define KVH_WORD_BYTES 8ULL
+// Threads per block of every launch (kernel.rs's BLOCK_THREADS; the host launches no other
+// shape). The scrub kernels use this constant rather than blockDim.x, so that a block's tile
+// arithmetic compiles to shifts and masks: with blockDim.x it was a 64-bit remainder on the
+// path to each block's first store, 16,384 times per 256 MiB segment.
 #define KVH_BLOCK_THREADS 256
 // Resident blocks per SM the scrub kernel is compiled for: at most 32 registers per thread, so
 // that a 2048-thread SM (sm_80, sm_90) holds 8 blocks and keeps enough stores in flight. On
@@ -261,7 +265,7 @@ __device__ __forceinline__ unsigned short kvh_load1(kvh_u64 g) {
 }
 
 // Independent 16-byte stores per thread per iteration of the body loop, each a block-wide
-// coalesced row of 16 * blockDim.x bytes.
+// coalesced row of 16 * KVH_BLOCK_THREADS bytes.
 #define KVH_ZERO_UNROLL 4
 
 // Zeroes `len` bytes from global address `begin` with the threads of one block: byte stores
@@ -273,10 +277,11 @@ __device__ __forceinline__ void kvh_zero_range(kvh_u64 begin, kvh_u64 len) {
     kvh_u64 head_end = (begin + 15) & ~15ULL;
     if (head_end > end) head_end = end;
     kvh_u64 body_end = head_end + ((end - head_end) & ~15ULL);
-    const kvh_u64 row = 16ULL * blockDim.x;
+    // Compile-time sizes: a tile is a power of two, so this is a mask, not a division.
+    const kvh_u64 row = 16ULL * KVH_BLOCK_THREADS;
     const kvh_u64 tile = row * KVH_ZERO_UNROLL;
     kvh_u64 tiles_end = head_end + (body_end - head_end) / tile * tile;
-    for (kvh_u64 a = begin + threadIdx.x; a < head_end; a += blockDim.x) kvh_store_zero1(a);
+    for (kvh_u64 a = begin + threadIdx.x; a < head_end; a += KVH_BLOCK_THREADS) kvh_store_zero1(a);
     // a < tiles_end implies a + (KVH_ZERO_UNROLL - 1) * row < tiles_end: a sits at
     // 16 * threadIdx.x < row past a tile start.
     kvh_u64 a = head_end + 16ULL * threadIdx.x;
@@ -285,7 +290,7 @@ __device__ __forceinline__ void kvh_zero_range(kvh_u64 begin, kvh_u64 len) {
         for (int k = 0; k < KVH_ZERO_UNROLL; ++k) kvh_store_zero16(a + k * row);
     }
     for (; a < body_end; a += row) kvh_store_zero16(a);
-    for (kvh_u64 b = body_end + threadIdx.x; b < end; b += blockDim.x) kvh_store_zero1(b);
+    for (kvh_u64 b = body_end + threadIdx.x; b < end; b += KVH_BLOCK_THREADS) kvh_store_zero1(b);
 }
 
 // Whether word `w` of the segment at global address `g` of `len` bytes holds a non-zero
@@ -314,7 +319,7 @@ __device__ __forceinline__ void kvh_read_back_inline(kvh_u64 g, kvh_u64 len, kvh
     kvh_u64 first, end;
     kvh_sample_candidates(&rule, w0, w1, &first, &end);
     kvh_u64 checked = 0, nonzero = 0;
-    for (kvh_u64 i = first + threadIdx.x; i < end; i += blockDim.x) {
+    for (kvh_u64 i = first + threadIdx.x; i < end; i += KVH_BLOCK_THREADS) {
         kvh_u64 w = kvh_sample_word(&rule, seed, i);
         if (w >= w0 && w < w1) {
             ++checked;
@@ -340,7 +345,7 @@ __device__ __forceinline__ void kvh_read_back_inline(kvh_u64 g, kvh_u64 len, kvh
     __syncthreads();
     if (threadIdx.x == 0) {
         kvh_u64 c = 0, z = 0;
-        for (unsigned k = 0; k < blockDim.x / 32; ++k) {
+        for (unsigned k = 0; k < KVH_BLOCK_THREADS / 32; ++k) {
             c += warp_sums[k][0];
             z += warp_sums[k][1];
         }
