@@ -50,9 +50,8 @@
 
 #define KVH_WORD_BYTES 8ULL
 // Threads per block of every launch (kernel.rs's BLOCK_THREADS; the host launches no other
-// shape). The scrub kernels use this constant rather than blockDim.x, so that a block's tile
-// arithmetic compiles to shifts and masks: with blockDim.x it was a 64-bit remainder on the
-// path to each block's first store, 16,384 times per 256 MiB segment.
+// shape). The scrub kernels loop with this constant rather than blockDim.x, so that a
+// block's tile arithmetic is shifts and masks rather than a 64-bit remainder.
 #define KVH_BLOCK_THREADS 256
 // Resident blocks per SM the scrub kernel is compiled for: at most 32 registers per thread, so
 // that a 2048-thread SM (sm_80, sm_90) holds 8 blocks and keeps enough stores in flight. On

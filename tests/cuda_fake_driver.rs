@@ -170,11 +170,11 @@ fn the_resident_grid_scrubs_what_the_per_chunk_grid_does() {
     common::item_batches_are_scrubbed(&b);
     common::skipped_segment_is_caught(&b, &|i| b.inject_skip_zero(i));
     common::sampled_words_are_the_host_rules(&b, &|i| b.inject_skip_zero(i));
-    scrub_and_check(&b, 50_000, &[(1, 40_000)], SAMPLED);
+    scrub_and_check(&b, 80_000, &[(1, 70_000)], SAMPLED);
     assert_eq!(
         last_grid(),
         3,
-        "an inline batch: one kvh_scrub block per 16 KiB chunk"
+        "an inline batch: one kvh_scrub block per 32 KiB chunk"
     );
     let (segments, total) = random_layout(121, 100, 6);
     scrub_and_check(&b, total, &segments, SAMPLED);

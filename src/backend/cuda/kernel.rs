@@ -22,9 +22,13 @@ pub const FLAG_DOUBLE_PASS: u32 = 1;
 pub const FLAG_FULL_VERIFY: u32 = 2;
 /// `KVH_NO_SKIP`: the scrub kernel's "skip no segment" value.
 pub const NO_SKIP: u32 = u32::MAX;
-/// log2 of the chunk size of an inline batch (16 KiB): a block finds its segment in parameter
-/// space at almost no cost, so chunks are small and the stores in flight stay compact.
-pub const INLINE_CHUNK_SHIFT: u32 = 14;
+/// log2 of the chunk size of an inline batch (32 KiB): a block finds its segment in parameter
+/// space at almost no cost, so chunks are small and the stores in flight stay compact, but
+/// each block also computes its share of the sampling rule (64-bit divisions), a fixed cost
+/// that 16 KiB chunks paid twice as often: on an H200, one 256 MiB segment scrubbed at 0.82
+/// of `cuMemsetD8Async`'s speed with 16 KiB chunks and 0.92 to 0.93 with 32 KiB
+/// (docs/gpu-results.md, 2026-12-04).
+pub const INLINE_CHUNK_SHIFT: u32 = 15;
 /// log2 of the chunk size of a batch with work items (64 KiB): each block's first access is
 /// a read of page-locked host memory, which a larger chunk amortises.
 pub const ITEM_CHUNK_SHIFT: u32 = 16;
