@@ -126,6 +126,7 @@ rm -f "$out"/*.log "$out/results.md" "$out/results.json" "$out/manifest.txt" "$o
     "$out/preload_probe"
 mkdir -p "$out/py" "$out/status"
 echo "${GPU_CHECK_LLAMA_ROUNDS:-3}" >"$out/status/llama_rounds"
+echo "${GPU_CHECK_ALLOC_ROUNDS:-3}" >"$out/status/alloc_rounds"
 cat "$art/MANIFEST.txt" 2>/dev/null | tee "$out/manifest.txt"
 # Built from this tree's sources? The report fails the run when not: the figures would
 # describe other code. Checked in the repository root, where SOURCES.txt's paths start.
@@ -206,8 +207,15 @@ for mode in default kvh; do
         --out "$out/py/residue_$mode.json"
     step "residue_threads_$mode" 60 python3 scripts/gpu/residue.py --mode "$mode" --threads \
         --out "$out/py/residue_threads_$mode.json"
-    step "alloc_$mode" 60 python3 scripts/gpu/alloc_bench.py --mode "$mode" \
-        --out "$out/py/alloc_$mode.json"
+done
+# The allocator loop's two sides drift between processes and machines as Llama's do (the
+# default allocator's own time per pair differed 1.8x between two machines of one kind):
+# rounds alternating default / kvhygiene in fresh processes, the median of their ratios.
+for round in $(seq 1 "${GPU_CHECK_ALLOC_ROUNDS:-3}"); do
+    for mode in default kvh; do
+        step "alloc_${mode}_$round" 60 python3 scripts/gpu/alloc_bench.py --mode "$mode" \
+            --out "$out/py/alloc_${mode}_$round.json"
+    done
 done
 # Paged KV cache blocks (vLLM layout) scrubbed through kvhygiene.scrub_blocks.
 step kv_blocks_kvh 40 python3 scripts/gpu/kv_blocks.py --mode kvh --out "$out/py/kv_blocks_kvh.json"
