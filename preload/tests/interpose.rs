@@ -214,6 +214,16 @@ fn fresh_log_dir(scenario: &str) -> PathBuf {
     dir
 }
 
+/// The log in `dir` records one block exported and that block returned to the device for
+/// it; the directory is then removed.
+fn one_export_and_its_release_are_logged(dir: &Path) {
+    let text = log_text(dir);
+    let exports = text.matches(r#""kind":"ipc_export""#).count();
+    let releases = text.matches(r#""reason":"ipc_exported""#).count();
+    assert_eq!((exports, releases), (1, 1), "{text}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Every file of the log in `dir`, one after the other.
 fn log_text(dir: &Path) -> String {
     std::fs::read_dir(dir)
@@ -599,6 +609,123 @@ fn a_runtime_loaded_with_rtld_local_is_found_by_its_soname() {
     assert!(!r.stderr.contains("is not loaded"), "{}", r.stderr);
 }
 
+/// `driver_engine.cpp`'s library for a stand-in driver (`fake_driver.cpp`, soname
+/// `libcuda.so.1`) with the IPC export (`with_ipc`) or without it, beside a runtime that has
+/// no driver functions of its own and has the `_ptsz` lookups; each variant in a directory
+/// of its own, found through the library's rpath. `None` without a C++ compiler.
+fn built_driver_engine(with_ipc: bool) -> Option<&'static PathBuf> {
+    static WITH: OnceLock<Option<PathBuf>> = OnceLock::new();
+    static WITHOUT: OnceLock<Option<PathBuf>> = OnceLock::new();
+    let (cell, dir) = if with_ipc {
+        (&WITH, "preload-driver-by-soname")
+    } else {
+        (&WITHOUT, "preload-driver-without-ipc")
+    };
+    cell.get_or_init(|| {
+        let cxx = Cxx::in_dir(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(dir));
+        let runtime_flags = [
+            arg("-DFAKE_CUDART_WITHOUT_DRIVER"),
+            arg("-DFAKE_CUDART_PTSZ_LOOKUPS"),
+            arg("-Wl,-soname,libcudart.so.12"),
+            arg("-ldl"),
+            arg("-pthread"),
+        ];
+        let runtime = cxx.build(
+            "libcudart.so.12",
+            true,
+            &["fake_cudart.cpp"],
+            &runtime_flags,
+        )?;
+        let mut driver_flags = vec![arg("-Wl,-soname,libcuda.so.1")];
+        if !with_ipc {
+            driver_flags.push(arg("-DFAKE_DRIVER_WITHOUT_IPC"));
+        }
+        let driver = cxx.build("libcuda.so.1", true, &["fake_driver.cpp"], &driver_flags)?;
+        // The driver first: without the interposer, its `cuIpcGetMemHandle` is the one bound.
+        let links = [
+            path_arg(&driver),
+            path_arg(&runtime),
+            cxx.rpath(),
+            arg("-ldl"),
+        ];
+        cxx.build("libdriver_engine.so", true, &["driver_engine.cpp"], &links)
+    })
+    .as_ref()
+}
+
+/// Runs `driver_engine.cpp`'s library (see [`built_driver_engine`]) in `plugin_host`.
+fn run_driver_engine(with_ipc: bool, preload: bool, env: &[(&str, &str)]) -> Option<Run> {
+    let b = built()?;
+    let engine = built_driver_engine(with_ipc)?;
+    let mut cmd = Command::new(&b.plugin_host);
+    cmd.arg(engine);
+    Some(run_command(cmd, preload, env))
+}
+
+/// A driver loaded with an engine's library outside the global scope (a Python extension
+/// that links libcuda) is found by its soname: the export the engine makes through the driver
+/// API reaches the driver, and the block is marked exported and returned to the device at its
+/// free. A pointer from the runtime's `_ptsz` lookup is the interposer too, and exports
+/// through it reach the driver as well. Without the soname look-up the exports answer 302
+/// (`CUDA_ERROR_SHARED_OBJECT_SYMBOL_NOT_FOUND`) and the lookup hands out the driver's own
+/// function, past kvhygiene.
+#[test]
+fn a_driver_loaded_with_rtld_local_is_found_by_its_soname() {
+    let Some(without) = run_driver_engine(true, false, &[]) else {
+        return;
+    };
+    let common = [
+        ("rc_malloc", 0),
+        ("rc_export", 0),
+        ("handle_names_block", 1),
+        ("driver_exports", 1),
+        ("rc_ptsz", 0),
+        ("ptsz_status", 0),
+        ("ptsz_as_linked", 1),
+        ("rc_export_ptsz", 0),
+        ("driver_exports_after_ptsz", 2),
+        ("rc_free", 0),
+    ];
+    without.expect(&common);
+    without.expect(&[("rc_kvh_synchronize", -1)]);
+    let dir = fresh_log_dir("driver-by-soname");
+    let log_dir = dir.to_string_lossy().into_owned();
+    let r = run_driver_engine(true, true, &[("KVH_LOG_DIR", &log_dir)]).expect("built above");
+    r.expect(&common);
+    r.expect(&[("rc_kvh_synchronize", 0)]);
+    assert!(!r.stderr.contains("is not loaded"), "{}", r.stderr);
+    one_export_and_its_release_are_logged(&dir);
+}
+
+/// A driver without `cuIpcGetMemHandle` (without the interposer, the engine's library does
+/// not even load: the name is unresolved). The interposer answers the export with 302
+/// (`CUDA_ERROR_SHARED_OBJECT_SYMBOL_NOT_FOUND`), as the runtime answers a missing driver
+/// function. The block was marked before the forward, so its free still returns it to the
+/// device rather than to the pool: a failed export costs one block's reuse, never a pooled
+/// block with a handle open. The runtime's lookup finds no such function, and its answer
+/// (status "not found", a NULL output) passes unchanged.
+#[test]
+fn a_driver_without_the_ipc_export_answers_302_and_the_block_still_leaves_the_pool() {
+    let dir = fresh_log_dir("driver-without-ipc");
+    let log_dir = dir.to_string_lossy().into_owned();
+    let Some(r) = run_driver_engine(false, true, &[("KVH_LOG_DIR", &log_dir)]) else {
+        return;
+    };
+    r.expect(&[
+        ("rc_malloc", 0),
+        ("rc_export", 302),
+        ("handle_names_block", 0),
+        ("driver_exports", 0),
+        ("rc_ptsz", 0),
+        ("ptsz_status", 1),
+        ("ptsz_as_linked", 0),
+        ("rc_free", 0),
+        ("rc_kvh_synchronize", 0),
+    ]);
+    assert!(!r.values.contains_key("rc_export_ptsz"), "{}", r.stderr);
+    one_export_and_its_release_are_logged(&dir);
+}
+
 #[test]
 fn invalid_frees_through_the_runtime_api_reach_the_forensic_log() {
     let Some(b) = built() else { return };
@@ -740,11 +867,7 @@ fn an_exported_block_is_retired(scenario: &str, refusal: &str) {
         ("runtime_export_forwarded", 1),
     ]);
     assert!(r.stderr.contains(refusal), "{}", r.stderr);
-    let text = log_text(&dir);
-    let exports = text.matches(r#""kind":"ipc_export""#).count();
-    let releases = text.matches(r#""reason":"ipc_exported""#).count();
-    assert_eq!((exports, releases), (1, 1), "{text}");
-    let _ = std::fs::remove_dir_all(&dir);
+    one_export_and_its_release_are_logged(&dir);
 }
 
 #[test]

@@ -5,7 +5,13 @@
 // counts its calls, so tests can see what reached the real runtime and what did not.
 //
 // Deliberately absent: the `_ptsz` entry points, so that a forward to them exercises the
-// interposer's "real symbol not found" path.
+// interposer's "real symbol not found" path. Built with FAKE_CUDART_PTSZ_LOOKUPS, it has the
+// `_ptsz` forms of the driver lookups (cudaGetDriverEntryPoint_ptsz, ...ByVersion_ptsz).
+//
+// Driver functions: this library defines the few the tests use (cuIpcGetMemHandle,
+// cuGetProcAddress, ...), as if the driver were part of it, and its lookups hand them out.
+// Built with FAKE_CUDART_WITHOUT_DRIVER, it defines none and its lookups ask the loaded
+// libcuda.so.1 instead, as the real runtime does (fake_driver.cpp is then the driver).
 //
 // Streams: cudaStreamCreate hands out handles it tracks; a destroyed handle given to any
 // stream call afterwards fails with cudaErrorInvalidResourceHandle and is counted
@@ -18,6 +24,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <dlfcn.h>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -147,8 +154,12 @@ int cudaIpcGetMemHandle(void* handle, void* p) {
 // The driver functions below are defined under hidden names and exported as aliases of
 // them, so that the addresses the lookups hand out are this library's own functions (as a
 // driver's lookup hands out its own), not whatever the dynamic linker would bind the
-// exported name to (an interposer's).
+// exported name to (an interposer's). Without the driver, the names are declared only.
+#ifdef FAKE_CUDART_WITHOUT_DRIVER
+#define FAKE_EXPORT_AS(hidden)
+#else
 #define FAKE_EXPORT_AS(hidden) __attribute__((alias(#hidden)))
+#endif
 #define FAKE_HIDDEN __attribute__((visibility("hidden")))
 
 // The driver API's export (cuIpcGetMemHandle; a CUdeviceptr is a 64-bit integer), as
@@ -182,6 +193,12 @@ FAKE_HIDDEN int fake_unexported_lookup(const char*, void**, int, unsigned long l
 // another function than its exported one).
 static void* driver_function(const char* symbol, int version) {
     if (symbol == nullptr) return nullptr;
+#ifdef FAKE_CUDART_WITHOUT_DRIVER
+    // The loaded driver's function of that name (the reference taken is never dropped).
+    (void)version;
+    void* driver = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    return driver == nullptr ? nullptr : dlsym(driver, symbol);
+#endif
     if (std::strcmp(symbol, "cuIpcGetMemHandle") == 0) return reinterpret_cast<void*>(&fake_cuIpcGetMemHandle);
     if (std::strcmp(symbol, "cuDeviceGetCount") == 0) return reinterpret_cast<void*>(&fake_cuDeviceGetCount);
     if (std::strcmp(symbol, "cuGetProcAddress") == 0)
@@ -244,6 +261,21 @@ int cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned int
     count("cudaGetDriverEntryPointByVersion");
     return runtime_lookup(symbol, fn, int(version), status);
 }
+
+#ifdef FAKE_CUDART_PTSZ_LOOKUPS
+int cudaGetDriverEntryPoint_ptsz(const char* symbol, void** fn, unsigned long long, int* status) {
+    std::lock_guard<std::mutex> g(mu);
+    count("cudaGetDriverEntryPoint_ptsz");
+    return runtime_lookup(symbol, fn, 12000, status);
+}
+
+int cudaGetDriverEntryPointByVersion_ptsz(const char* symbol, void** fn, unsigned int version,
+                                          unsigned long long, int* status) {
+    std::lock_guard<std::mutex> g(mu);
+    count("cudaGetDriverEntryPointByVersion_ptsz");
+    return runtime_lookup(symbol, fn, int(version), status);
+}
+#endif
 
 int cudaGetDevice(int* d) {
     std::lock_guard<std::mutex> g(mu);
