@@ -257,7 +257,10 @@ int kvh_scrub_blocks(const kvh_kv_layout *layout,
 // `stream` first (`KVH_KV_GATE=scrub`, the default) or makes the claim fail
 // (`KVH_KV_GATE=enforce`). `KVH_KV_GATE_SCOPE=tenant` makes a tenant, not a request, the
 // owner (a tenant's requests share blocks). A thread with no request id (tenant id, under
-// the tenant scope) matches no owner, itself included. `KVH_KV_GATE=off` accepts every claim
+// the tenant scope) matches no owner, itself included. An owner is its ids alone: a request
+// that carries the ids of one that finished is that owner again and is handed its blocks
+// unscrubbed, so give each request a request id of its own (or scrub a finished request's
+// blocks before its id can come back). `KVH_KV_GATE=off` accepts every claim
 // once the layout and ids are checked.
 //
 // The layout and stream rules are those of `kvh_scrub_blocks`.
@@ -274,7 +277,9 @@ int kvh_scrub_blocks(const kvh_kv_layout *layout,
 // which). Claim them again. `KVH_ERR_KV_GATE` (enforce): blocks would change
 // owner unscrubbed (or failed their last scrub); they are listed the same way and nothing
 // was handed over. Any other code is one of `kvh_scrub_blocks`'s (`KVH_ERR_NOT_LIVE` also
-// when the cache was freed while the claim ran): nothing may be taken as handed over. Refusals
+// when the cache was freed while the claim ran): nothing may be taken as handed over; with
+// `KVH_ERR_BACKEND` (the gate's scrub stopped) the blocks it found not zero before it stopped
+// are listed the same way, to be retired, as `kvh_scrub_blocks` lists them. Refusals
 // and failed blocks leave a `policy_violation` record (policy `kv_gate`); the gate's scrubs
 // leave `kv_scrub` records with `trigger` `claim_gate`.
 //

@@ -51,9 +51,15 @@ log() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 # (the device call's own limit sends SIGTERM), so that a run cut short still leaves the
 # results of the steps that finished. With GPU_CHECK_COPY_TO, results.md and results.json are
 # copied there too each time (a directory the caller gets back whatever happens later).
+# A report that fails (a traceback, not a verdict: report.py writes nothing to stderr
+# otherwise) is said on stderr, where the device call's output shows it.
 report() {
-    python3 scripts/gpu/report.py "$out" >/dev/null 2>&1
+    python3 scripts/gpu/report.py "$out" >/dev/null 2>"$out/report.err"
     local rc=$?
+    if [[ -s "$out/report.err" ]]; then
+        echo "gpu-check: the report failed (rc $rc); results.md may be an earlier step's:" >&2
+        tail -n 5 "$out/report.err" >&2
+    fi
     copy_results
     return $rc
 }
@@ -123,7 +129,7 @@ mkdir -p "$out"
 touch "$marker"
 rm -rf "$out/py" "$out/status" "$out/criterion"
 rm -f "$out"/*.log "$out/results.md" "$out/results.json" "$out/manifest.txt" "$out/nvidia-smi.csv" \
-    "$out/preload_probe"
+    "$out/preload_probe" "$out/report.err"
 mkdir -p "$out/py" "$out/status"
 echo "${GPU_CHECK_LLAMA_ROUNDS:-3}" >"$out/status/llama_rounds"
 echo "${GPU_CHECK_ALLOC_ROUNDS:-3}" >"$out/status/alloc_rounds"
@@ -134,8 +140,10 @@ if [[ ! -f "$art/SOURCES.txt" ]]; then
     echo "no SOURCES.txt (artifacts from an older build script)" >"$out/status/sources"
 elif ! command -v sha256sum >/dev/null; then
     echo "not checked: no sha256sum on this machine" >"$out/status/sources"
-elif ! now="$(bash scripts/gpu/digest-sources.sh 2>&1)"; then
-    printf 'not digested here: %s\n' "$now" | head -n 20 >"$out/status/sources"
+# Its stdout alone is compared: a warning on stderr (from git, find or sha256sum) says nothing
+# about the sources and must not read as other sources.
+elif ! now="$(bash scripts/gpu/digest-sources.sh 2>"$out/status/digest.err")"; then
+    printf 'not digested here: %s\n' "$(cat "$out/status/digest.err")" | head -n 20 >"$out/status/sources"
 elif [[ "$now" == "$(cat "$art/SOURCES.txt")" ]]; then
     echo "same" >"$out/status/sources"
 else

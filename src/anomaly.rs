@@ -1388,7 +1388,11 @@ mod tests {
         let clock = ManualClock::new();
         clock.advance(Duration::MAX);
         clock.advance(Duration::MAX);
-        assert!(clock.now() >= clock.origin());
+        // Saturated at its bound, not wrapped nor fallen back to its origin.
+        assert_eq!(
+            clock.now().duration_since(clock.origin()),
+            Duration::from_millis(MANUAL_CLOCK_MAX_MS)
+        );
     }
 
     // ----- the sink -----------------------------------------------------------------------

@@ -1313,6 +1313,50 @@ fn a_failed_block_named_by_a_claim_whose_gate_scrub_errs_is_recorded() {
     );
 }
 
+/// A claim whose gate scrub stops after a batch found blocks not zero names those blocks in
+/// its error, as `kvh_scrub_blocks` names them (`KvScrubError::Backend::failed`: "the engine
+/// must retire them"), and `kvh_claim_blocks` writes them to its refused list. Two regions of
+/// 40,000 blocks are 80,000 segments: two batches, the first of which leaves its last segment
+/// unzeroed, the second of which cannot be submitted.
+#[test]
+fn a_claim_whose_gate_scrub_stops_names_the_blocks_its_first_batch_failed() {
+    use std::sync::atomic::Ordering;
+    let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
+    let blocks: u64 = 40_000;
+    let len = 2 * blocks * 8;
+    let a = f.malloc_zeroed(len as i64, 0, 1);
+    f.write(0, a, &secret(len as usize, 0x3c));
+    let layout = KvLayout {
+        regions: vec![a, a + blocks * 8],
+        block_bytes: 8,
+        block_stride: 8,
+        blocks_per_region: blocks,
+    };
+    let ids: Vec<u32> = (0..blocks as u32).collect();
+    f.backend.inject_fault_next();
+    f.backend.submit_budget.store(1, Ordering::SeqCst);
+    let r = as_request("t1", "a", || claim(&f, &layout, &ids));
+    f.backend.submit_budget.store(-1, Ordering::SeqCst);
+    let failed = match r {
+        Err(KvClaimError::Scrub(KvScrubError::Backend { failed, .. })) => failed,
+        other => panic!("expected the stopped scrub's error, got {other:?}"),
+    };
+    assert!(
+        !failed.is_empty(),
+        "the first batch left a segment unzeroed and no block is named"
+    );
+    for &id in &failed {
+        let dirty = layout.regions.iter().any(|&base| {
+            f.read(0, base + u64::from(id) * 8, 8)
+                .iter()
+                .any(|&b| b != 0)
+        });
+        assert!(dirty, "block {id} is named as failed but reads zero");
+    }
+    let in_order = failed.windows(2).all(|w| w[0] < w[1]);
+    assert!(in_order, "not in the order given: {failed:?}");
+}
+
 /// As above, but another request does claim the block while the first claim's second scrub
 /// runs, through the ledger kept for the cache after the second loss: the gate hands it to
 /// that request. `KvClaimReport::taken` names "blocks not handed over because another claim

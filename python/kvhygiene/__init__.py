@@ -1184,11 +1184,16 @@ def claim_blocks(layout: KvLayout, block_ids, stream=None) -> None:
     would change owner without a verified scrub since its last owner is scrubbed and verified
     first (``KVH_KV_GATE=scrub``, the default), or the claim is refused
     (``KVH_KV_GATE=enforce``). ``KVH_KV_GATE_SCOPE=tenant`` lets a tenant's requests share
-    blocks. ``stream`` is as for :func:`scrub_blocks`.
+    blocks. An owner is its ids alone: a request that carries the ids of one that finished is
+    that owner again and is handed its blocks unscrubbed, so give each request a
+    ``request_id`` of its own (or :func:`scrub_blocks` a finished request's blocks before its
+    id can come back). ``stream`` is as for :func:`scrub_blocks`.
 
     Raises :class:`ClaimRefusedError` naming the blocks not handed over (they must not be used),
-    and :class:`KvhError` when the call was refused or did not finish (its ``refused_blocks``
-    lists the blocks an earlier library call of a split claim refused).
+    and :class:`KvhError` when the call was refused or did not finish (then no block of it may
+    be taken as handed over; its ``refused_blocks`` lists the blocks an earlier library call
+    of a split claim refused and those the gate's scrub found not zero before it stopped,
+    to be retired as :func:`scrub_blocks`'s ``failed_blocks`` are).
 
     More blocks than one library call takes (2**20 segments: blocks × regions) are claimed in
     several calls, in order; under ``KVH_KV_GATE=enforce`` a refused one ends the claim: the
@@ -1217,8 +1222,9 @@ def claim_blocks(layout: KvLayout, block_ids, stream=None) -> None:
         elif code != KVH_OK:
             error = KvhError("kvh_claim_blocks", code, message)
             # Blocks an earlier library call of a set split in several refused (failed
-            # verification, or taken): still not to be used, whatever is done about the error.
-            error.refused_blocks = refused
+            # verification, or taken), and those this call's gate scrub found not zero before
+            # it stopped: still not to be used, whatever is done about the error.
+            error.refused_blocks = refused + named
             raise error
     if refusal is not None:
         raise ClaimRefusedError(refusal[0], refusal[1], refused)

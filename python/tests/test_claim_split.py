@@ -106,3 +106,20 @@ def test_a_split_claim_that_stops_on_an_error_still_names_the_blocks_that_failed
         kvhygiene.claim_blocks(None, [1, 2, 3, 4, 5])
     named = set(getattr(e.value, "refused_blocks", None) or ()) | set(getattr(e.value, "failed_blocks", None) or ())
     assert 3 in named, f"block 3 failed verification and the error ({e.value!r}) does not name it"
+
+
+def test_a_claim_whose_gate_scrub_stopped_names_the_blocks_it_found_not_zero(monkeypatch):
+    # The first library call refuses block 1 (taken); the second fails with KVH_ERR_BACKEND
+    # (its gate scrub stopped) and names block 3, which a batch that completed found not
+    # zero. The KvhError says nothing was handed over by that call, and its refused_blocks
+    # names both: block 3 must be retired, as scrub_blocks's failed_blocks are.
+    calls = [
+        (kvhygiene.KVH_ERR_KV_TAKEN, [1], [0, 1], "taken by another claim"),
+        (kvhygiene.KVH_ERR_BACKEND, [3], [2, 3, 4], "backend error: injected"),
+    ]
+    monkeypatch.setattr(kvhygiene, "_kv_calls", lambda *a, **k: iter(calls))
+    with pytest.raises(kvhygiene.KvhError) as e:
+        kvhygiene.claim_blocks(None, [0, 1, 2, 3, 4])
+    assert not isinstance(e.value, kvhygiene.ClaimRefusedError)
+    assert e.value.code == kvhygiene.KVH_ERR_BACKEND
+    assert e.value.refused_blocks == [1, 3]

@@ -607,7 +607,8 @@ impl Allocator {
                     .filter(|id| failed.contains(id))
                     .collect();
                 if trigger == KvScrubTrigger::Gate {
-                    // The claim fails and names no block; those that failed are recorded here.
+                    // The claim fails as a whole; it names these blocks to its caller
+                    // (`kvh_claim_blocks`'s refused list), and they are recorded here.
                     self.report_failed_now(dev, &failed);
                 }
                 Err(self.kv_backend_error(dev, e, failed))

@@ -502,7 +502,10 @@ pub extern "C" fn kvh_scrub_blocks(
 /// `stream` first (`KVH_KV_GATE=scrub`, the default) or makes the claim fail
 /// (`KVH_KV_GATE=enforce`). `KVH_KV_GATE_SCOPE=tenant` makes a tenant, not a request, the
 /// owner (a tenant's requests share blocks). A thread with no request id (tenant id, under
-/// the tenant scope) matches no owner, itself included. `KVH_KV_GATE=off` accepts every claim
+/// the tenant scope) matches no owner, itself included. An owner is its ids alone: a request
+/// that carries the ids of one that finished is that owner again and is handed its blocks
+/// unscrubbed, so give each request a request id of its own (or scrub a finished request's
+/// blocks before its id can come back). `KVH_KV_GATE=off` accepts every claim
 /// once the layout and ids are checked.
 ///
 /// The layout and stream rules are those of `kvh_scrub_blocks`.
@@ -519,7 +522,9 @@ pub extern "C" fn kvh_scrub_blocks(
 /// which). Claim them again. `KVH_ERR_KV_GATE` (enforce): blocks would change
 /// owner unscrubbed (or failed their last scrub); they are listed the same way and nothing
 /// was handed over. Any other code is one of `kvh_scrub_blocks`'s (`KVH_ERR_NOT_LIVE` also
-/// when the cache was freed while the claim ran): nothing may be taken as handed over. Refusals
+/// when the cache was freed while the claim ran): nothing may be taken as handed over; with
+/// `KVH_ERR_BACKEND` (the gate's scrub stopped) the blocks it found not zero before it stopped
+/// are listed the same way, to be retired, as `kvh_scrub_blocks` lists them. Refusals
 /// and failed blocks leave a `policy_violation` record (policy `kv_gate`); the gate's scrubs
 /// leave `kv_scrub` records with `trigger` `claim_gate`.
 ///
@@ -568,13 +573,7 @@ pub extern "C" fn kvh_claim_blocks(
         let (refused, code, message) = match claimed {
             Ok(report) if report.refused.is_empty() && report.taken.is_empty() => return ok(),
             Ok(report) => not_handed_over(&ids, report),
-            Err(e) => {
-                let (code, message) = (kvh_result::from(&e), e.to_string());
-                match e {
-                    crate::alloc::KvClaimError::Unscrubbed { blocks } => (blocks, code, message),
-                    crate::alloc::KvClaimError::Scrub(_) => return fail(code, message),
-                }
-            }
+            Err(e) => claim_failed(e),
         };
         // SAFETY: `refused_ids` is non-null when `refused_capacity > 0` (checked above) and
         // valid for `refused_capacity` writes; `refused_count` was checked non-null.
@@ -700,6 +699,21 @@ fn not_handed_over(
         ids.len(),
         named.first().copied().unwrap_or_default()
     );
+    (named, code, message)
+}
+
+/// The list, code and message of a claim that failed as a whole. The list names the blocks
+/// enforce would not hand over unscrubbed, or those the gate's scrub found not zero before it
+/// stopped (named, as `kvh_scrub_blocks` names them, for the engine to retire); it is empty
+/// for a claim refused before it scrubbed anything.
+fn claim_failed(e: crate::alloc::KvClaimError) -> (Vec<u32>, kvh_result, String) {
+    use crate::alloc::{KvClaimError, KvScrubError};
+    let (code, message) = (kvh_result::from(&e), e.to_string());
+    let named = match e {
+        KvClaimError::Unscrubbed { blocks } => blocks,
+        KvClaimError::Scrub(KvScrubError::Backend { failed, .. }) => failed,
+        KvClaimError::Scrub(_) => Vec::new(),
+    };
     (named, code, message)
 }
 
@@ -1381,5 +1395,27 @@ mod tests {
             message.contains("request_id") && !message.contains("is 129 bytes long"),
             "a 1000-byte request id was refused with: {message}"
         );
+    }
+
+    /// A claim whose gate scrub stopped names the blocks that scrub found not zero, as
+    /// `kvh_scrub_blocks` names them on the same error: the engine retires them. A claim
+    /// refused before any scrub names none; one enforce refused names the blocks it would not
+    /// hand over.
+    #[test]
+    fn a_claim_that_failed_names_the_blocks_to_retire() {
+        use crate::alloc::{KvClaimError, KvScrubError};
+        use crate::backend::BackendError;
+        let stopped = KvClaimError::Scrub(KvScrubError::Backend {
+            error: BackendError::Other("injected".into()),
+            failed: vec![7, 3],
+        });
+        let (named, code, _) = claim_failed(stopped);
+        assert_eq!((named, code), (vec![7, 3], KVH_ERR_BACKEND));
+        let refused = KvClaimError::Scrub(KvScrubError::InvalidBlocks("id 9".into()));
+        let (named, code, _) = claim_failed(refused);
+        assert_eq!((named, code), (vec![], KVH_ERR_INVALID_LAYOUT));
+        let enforce = KvClaimError::Unscrubbed { blocks: vec![2] };
+        let (named, code, _) = claim_failed(enforce);
+        assert_eq!((named, code), (vec![2], KVH_ERR_KV_GATE));
     }
 }

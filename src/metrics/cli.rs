@@ -724,7 +724,8 @@ impl FileRoutes {
         if snaps.is_empty() {
             return Err(same(per_process::none_live(
                 pattern,
-                gone.len() + earlier_holders,
+                gone.len(),
+                earlier_holders,
             )));
         }
         let named: Vec<(&str, &Snapshot)> = snaps.iter().map(|(f, s)| (f.as_str(), s)).collect();

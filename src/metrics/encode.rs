@@ -1141,15 +1141,18 @@ mod tests {
             "stats fields without a row in metrics::encode::SERIES: {unmapped:?}"
         );
         let e = parse(&text).unwrap();
+        // Every row of a field, not only the first: several read the same one (a summary's
+        // count is also its histogram's `_count` and `+Inf` bucket).
         for (pointer, v) in expected {
-            let s = SERIES.iter().find(|s| s.pointer == pointer).unwrap();
-            let want = match (s.read, &v) {
-                (Read::Bool, Value::Bool(b)) => f64::from(u8::from(*b)),
-                (Read::MicrosToSeconds, v) => v.as_f64().unwrap() / 1e6,
-                (_, v) => v.as_f64().unwrap(),
-            };
-            let got = e.value(s.name, s.labels);
-            assert_eq!(got, Some(want), "{pointer} -> {} {:?}", s.name, s.labels);
+            for s in SERIES.iter().filter(|s| s.pointer == pointer) {
+                let want = match (s.read, &v) {
+                    (Read::Bool, Value::Bool(b)) => f64::from(u8::from(*b)),
+                    (Read::MicrosToSeconds, v) => v.as_f64().unwrap() / 1e6,
+                    (_, v) => v.as_f64().unwrap(),
+                };
+                let got = e.value(s.name, s.labels);
+                assert_eq!(got, Some(want), "{pointer} -> {} {:?}", s.name, s.labels);
+            }
         }
         assert_eq!(e.value("kvh_async_error", &[]), Some(1.0));
     }
@@ -1236,6 +1239,14 @@ mod tests {
         assert_eq!(bucket("+Inf"), 6.0);
         assert_eq!(e.value("kvh_free_to_clean_seconds_count", &[]), Some(6.0));
         let sum = e.value("kvh_free_to_clean_seconds_sum", &[]).unwrap();
+        assert!((sum - 62.0417).abs() < 1e-9, "{sum}");
+        // The summary of the same observations says the same count and sum.
+        assert_eq!(e.value("kvh_scrub_latency_seconds_count", &[]), Some(6.0));
+        assert_eq!(
+            e.value("kvh_scrub_latency_observations_total", &[]),
+            Some(6.0)
+        );
+        let sum = e.value("kvh_scrub_latency_seconds_sum", &[]).unwrap();
         assert!((sum - 62.0417).abs() < 1e-9, "{sum}");
         let text_at = |needle: &str| text.find(needle).unwrap_or(usize::MAX);
         assert!(

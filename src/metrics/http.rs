@@ -471,7 +471,8 @@ impl Loop {
                         if *pos == out.len() {
                             let _ = conn.stream.shutdown(Shutdown::Write);
                             conn.state = State::Draining { drained: 0 };
-                            conn.deadline = now + DRAIN_TIME;
+                            // From the end of the write, for the reason above.
+                            conn.deadline = conn.waiting_since + DRAIN_TIME;
                         }
                         (true, false)
                     }

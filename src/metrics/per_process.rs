@@ -76,16 +76,32 @@ impl ProcessFiles {
     /// The message for a pattern that no live process's file matches: nothing can be judged
     /// or served, which is not a pass.
     pub fn none_live(&self, pattern: &Path) -> String {
-        none_live(pattern, self.gone.len())
+        none_live(pattern, self.gone.len(), 0)
     }
 }
 
-/// [`ProcessFiles::none_live`] with `gone` files of processes that are gone.
-pub fn none_live(pattern: &Path, gone: usize) -> String {
-    let found = match gone {
-        0 => "no file of any process".to_string(),
-        1 => "1 file of a process that is gone".to_string(),
-        n => format!("{n} files of processes that are gone"),
+/// [`ProcessFiles::none_live`] with `gone` files of processes that are gone and `reused`
+/// files written by an earlier holder of a process id a live process holds now.
+pub fn none_live(pattern: &Path, gone: usize, reused: usize) -> String {
+    let mut kinds = Vec::new();
+    match gone {
+        0 => {}
+        1 => kinds.push("1 file of a process that is gone".to_string()),
+        n => kinds.push(format!("{n} files of processes that are gone")),
+    }
+    match reused {
+        0 => {}
+        1 => kinds.push(
+            "1 file of an earlier holder of a process id a live process holds now".to_string(),
+        ),
+        n => kinds.push(format!(
+            "{n} files of earlier holders of process ids live processes hold now"
+        )),
+    }
+    let found = if kinds.is_empty() {
+        "no file of any process".to_string()
+    } else {
+        kinds.join(", ")
     };
     format!(
         "no metrics file of a live process matches {} ({found}); the reader must run in the \
@@ -146,7 +162,7 @@ pub fn judge_live<S, T>(
     }
     gone.sort();
     if processes.is_empty() {
-        return Err(none_live(pattern, gone.len()));
+        return Err(none_live(pattern, gone.len(), 0));
     }
     Ok(Judged {
         processes,
@@ -380,6 +396,31 @@ fn signalable(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The files found, by kind: a file whose process id a live process holds now is not
+    /// called the file of a process that is gone.
+    #[test]
+    fn no_live_file_says_what_was_found_instead() {
+        let p = Path::new("/run/kvh/metrics-{pid}.prom");
+        let none = none_live(p, 0, 0);
+        assert!(none.contains("(no file of any process)"), "{none}");
+        let gone = none_live(p, 2, 0);
+        assert!(
+            gone.contains("(2 files of processes that are gone)"),
+            "{gone}"
+        );
+        let reused = none_live(p, 0, 1);
+        assert!(!reused.contains("gone"), "{reused}");
+        assert!(
+            reused.contains("1 file of an earlier holder of a process id"),
+            "{reused}"
+        );
+        let both = none_live(p, 1, 3);
+        assert!(
+            both.contains("(1 file of a process that is gone, 3 files of earlier holders"),
+            "{both}"
+        );
+    }
 
     #[test]
     fn a_file_written_before_its_pid_s_process_started_is_told_apart() {

@@ -944,3 +944,50 @@ def test_gpu_check_creates_its_copy_directory_and_copies_the_results_there(tmp_p
     assert (copy_to / "results.md").is_file() and (copy_to / "results.json").is_file(), proc.stderr[-800:]
     copied = (copy_to / "results.md").read_text()
     assert "artifacts built from" in copied, copied
+
+
+def test_a_warning_on_the_digests_stderr_does_not_read_as_other_sources(tmp_path):
+    # The tree's sources are those built; sha256sum (as git or find may) says a warning on
+    # stderr while it digests them. The digests on stdout are the same: the run goes on.
+    root = scratch_gpu_checkout(tmp_path)
+    real = shutil.which("sha256sum")
+    assert real, "the test needs sha256sum"
+    warn_dir = tmp_path / "warn"
+    executable(
+        warn_dir / "sha256sum",
+        f"#!/bin/sh\necho 'sha256sum: warning: a stand-in speaks' >&2\nexec {real} \"$@\"\n",
+    )
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "PATH": f"{warn_dir}:"
+        + stand_in_path(tmp_path, "#!/bin/sh\necho 'name, driver_version'\necho 'Stand-in, 1'\n"),
+        "OUT": str(out),
+        "GPU_CHECK_BUDGET_S": "30",
+    }
+    proc = subprocess.run(
+        ["bash", str(root / "scripts/gpu-check.sh")], cwd=root, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert (out / "status" / "sources").read_text().strip() == "same", proc.stderr[-800:]
+    assert "other sources than this tree's" not in proc.stderr
+
+
+def test_a_report_that_fails_is_said_on_stderr(tmp_path):
+    # report.py runs after every step with its output discarded; one that raises (a figure
+    # it cannot read) must not leave the run to end with an earlier step's results.md unseen.
+    root = scratch_gpu_checkout(tmp_path)
+    (root / "scripts" / "gpu" / "report.py").write_text(
+        "raise ValueError('a figure that is not a number')\n"
+    )
+    env = {
+        **os.environ,
+        "PATH": stand_in_path(tmp_path, "#!/bin/sh\necho 'name, driver_version'\necho 'Stand-in, 1'\n"),
+        "OUT": str(tmp_path / "out"),
+        "GPU_CHECK_BUDGET_S": "30",
+    }
+    proc = subprocess.run(
+        ["bash", str(root / "scripts/gpu-check.sh")], cwd=root, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode != 0
+    assert "gpu-check: the report failed" in proc.stderr, proc.stderr[-800:]
+    assert "ValueError: a figure that is not a number" in proc.stderr, proc.stderr[-800:]
