@@ -958,8 +958,20 @@ fn alloc_error(e: &AllocError) -> cudaError_t {
             reset::explain_refusal();
             CUDART_UNLOADING
         }
+        AllocError::Backend(BackendError::Driver { code, .. }) if is_sticky_device_error(*code) => {
+            *code
+        }
         AllocError::Backend(_) => UNKNOWN,
     }
+}
+
+/// Whether a driver error is one of the device faults that leave the context unusable until
+/// the process ends (an illegal address, a device-side assert, a failed launch, an
+/// uncorrectable ECC error). The driver and the runtime number these alike, so the runtime's
+/// own code is passed on: an engine that checks for them (to report the fault, or to restart)
+/// must see them, not `cudaErrorUnknown`.
+fn is_sticky_device_error(code: i32) -> bool {
+    matches!(code, 214 | 700 | 710 | 714..=719)
 }
 
 #[cfg(test)]
@@ -983,6 +995,20 @@ mod tests {
         assert_eq!(alloc_error(&AllocError::ShuttingDown), CUDART_UNLOADING);
         let other = AllocError::Backend(BackendError::Other("driver".into()));
         assert_eq!(alloc_error(&other), UNKNOWN);
+        let driver = |code| {
+            AllocError::Backend(BackendError::Driver {
+                call: "cuMemAlloc_v2",
+                code,
+                name: String::new(),
+            })
+        };
+        // A sticky device fault keeps its number; another driver error has no runtime twin.
+        for code in [214, 700, 710, 714, 715, 716, 717, 718, 719] {
+            assert_eq!(alloc_error(&driver(code)), code, "{code}");
+        }
+        for code in [1, 201, 701, 709, 720, 999] {
+            assert_eq!(alloc_error(&driver(code)), UNKNOWN, "{code}");
+        }
     }
 
     #[test]
