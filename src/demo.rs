@@ -883,6 +883,18 @@ fn yes(b: bool) -> &'static str {
     }
 }
 
+/// Whether [`stderr_progress`] left its line open (no newline yet): a run that ends early
+/// ends that line first ([`end_progress_line`]), so that what is said next starts a line of
+/// its own.
+static PROGRESS_LINE_OPEN: AtomicBool = AtomicBool::new(false);
+
+/// Ends the progress line [`stderr_progress`] left open, if any.
+pub fn end_progress_line() {
+    if PROGRESS_LINE_OPEN.swap(false, Ordering::Relaxed) {
+        crate::say(format_args!(""));
+    }
+}
+
 /// A progress callback that prints a bar on stderr when it is a terminal, and nothing
 /// otherwise (logs stay clean).
 pub fn stderr_progress() -> impl Fn(u64, u64) + Sync {
@@ -897,8 +909,9 @@ pub fn stderr_progress() -> impl Fn(u64, u64) + Sync {
         if done == total || last.elapsed() > Duration::from_millis(100) {
             *last = Instant::now();
             crate::say_text(format_args!("\r  requests {done}/{total}"));
+            PROGRESS_LINE_OPEN.store(true, Ordering::Relaxed);
             if done == total {
-                crate::say(format_args!(""));
+                end_progress_line();
             }
         }
     }

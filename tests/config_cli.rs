@@ -429,10 +429,11 @@ fn a_policy_file_that_cannot_be_read_is_named_as_the_policy_file() {
     let missing = dir.path().join("policy.toml");
     let (code, _, err) = run(config(&[]).env("KVH_CONFIG", &missing));
     assert_eq!(code, 2, "{err}");
-    assert!(
-        err.contains("policy.toml: cannot read the policy file"),
-        "{err}"
+    let named = format!(
+        "KVH_CONFIG={:?}: cannot read the policy file",
+        missing.display().to_string()
     );
+    assert!(err.contains(&named), "{err}");
 }
 
 #[test]

@@ -1024,6 +1024,84 @@ fn an_interrupted_demo_ends_its_forensic_log_with_a_stop_record() {
     );
 }
 
+/// On a terminal the demo keeps a progress line (`\r  requests N/M`, no newline until the
+/// run ends). Stopped part way (SIGINT), what it says next starts a line of its own rather
+/// than run on from the count.
+#[test]
+fn an_interrupted_demo_ends_its_progress_line_before_it_says_why() {
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (mut leader, mut follower) = (-1, -1);
+    // SAFETY: out-pointers to two ints; no name, termios or window size asked for.
+    let rc = unsafe {
+        libc::openpty(
+            &mut leader,
+            &mut follower,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened by openpty and are owned here alone.
+    let (leader, follower) =
+        unsafe { (OwnedFd::from_raw_fd(leader), OwnedFd::from_raw_fd(follower)) };
+    let mut child = host_demo(2, 100000)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(follower))
+        .spawn()
+        .unwrap();
+    // The terminal's output, read until the child closes it (EIO once no process holds it),
+    // passed on as it comes.
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut tty = std::fs::File::from(leader);
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = tty.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let started = std::time::Instant::now();
+    // Under way: the progress line is drawn.
+    while !String::from_utf8_lossy(&seen).contains("requests ") {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "no progress line after 60 s: {:?}",
+            String::from_utf8_lossy(&seen)
+        );
+        if let Ok(chunk) = rx.recv_timeout(std::time::Duration::from_millis(100)) {
+            seen.extend(chunk);
+        }
+    }
+    // SAFETY: kill(2) on the child's own pid.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+    }
+    let status = child.wait().unwrap();
+    // The rest, until the terminal is closed (the sender is dropped then).
+    while let Ok(chunk) = rx.recv_timeout(std::time::Duration::from_secs(10)) {
+        seen.extend(chunk);
+    }
+    let text = String::from_utf8_lossy(&seen).into_owned();
+    assert_eq!(status.code(), Some(130), "{text}");
+    let said = text
+        .find("kvh demo: interrupted")
+        .expect("the interruption is said");
+    assert!(
+        text[..said].contains("requests "),
+        "no progress line was drawn: {text:?}"
+    );
+    let before = &text[..said];
+    assert!(
+        before.ends_with('\n'),
+        "the interruption runs on from the progress line: {:?}",
+        &text[said.saturating_sub(40)..(said + 30).min(text.len())]
+    );
+}
+
 /// README and `kvh demo --help`: "every new allocation and every paged KV block taken is read
 /// back". The fault drill's paged-cache step takes two blocks from the free list and claims
 /// them through the eviction gate like a request does; the report's `kv_blocks_checked` is

@@ -17,7 +17,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use kvhygiene::backend;
 use kvhygiene::config::cli::{self as config_cli, ConfigArgs};
-use kvhygiene::config::{BackendChoice, Config};
+use kvhygiene::config::{path_in_one_spelling, BackendChoice, Config};
 use kvhygiene::demo::{self, DemoOptions};
 use kvhygiene::events::EventSink;
 use kvhygiene::forensic::cli::shell_word;
@@ -577,7 +577,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_demo(args: DemoArgs) -> ExitCode {
+fn run_demo(mut args: DemoArgs) -> ExitCode {
+    // Spelled as the policy keys they stand in for are (KVH_LOG_DIR, KVH_CHECKPOINT_DIR), so
+    // that the run's policy digest is the one the same paths given there make.
+    args.log_dir = args.log_dir.as_deref().map(path_in_one_spelling);
+    args.checkpoint_dir = args.checkpoint_dir.as_deref().map(path_in_one_spelling);
     let mut config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => return usage_error("demo", &format!("configuration: {e}")),
@@ -723,6 +727,7 @@ fn run_demo(args: DemoArgs) -> ExitCode {
     let mut report = match result {
         Ok(r) => r,
         Err(e) => {
+            demo::end_progress_line();
             // The chain ends with its `stop` record, as a run that finished: not left looking
             // like a crashed process's.
             if let Some(log) = &log {

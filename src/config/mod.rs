@@ -898,7 +898,16 @@ impl Config {
                     expected: "the path of a TOML policy file (unset the variable for none)",
                 })
             }
-            Some((_, path)) => Config::read_file(Path::new(path))?,
+            // A file that cannot be read or parsed is named as the variable that named it,
+            // quoted (a stray space in a deployment's value shows), so that its reader knows
+            // where the path was set.
+            Some((_, path)) => Config::read_file(Path::new(path)).map_err(|e| match e {
+                ConfigError::File { message, .. } => ConfigError::File {
+                    path: format!("KVH_CONFIG={path:?}"),
+                    message,
+                },
+                other => other,
+            })?,
             None => (Config::default(), Vec::new()),
         };
         for (name, value) in vars {
@@ -909,7 +918,9 @@ impl Config {
                 ConfigError::Unknown {
                     key: crate::printable(name),
                     known: known_keys(|k| k.env_name()),
-                    nearest: nearest_key(name).map(Key::env_name),
+                    nearest: nearest_key(name)
+                        .map(Key::env_name)
+                        .or_else(|| nearest_other_variable(name)),
                 }
             })?;
             config.set(key, name, value)?;
@@ -1209,6 +1220,18 @@ fn nearest_key(name: &str) -> Option<&'static Key> {
         .map(|(_, k)| k)
 }
 
+/// The variable of [`OTHER_ENV`] (`KVH_CONFIG`, ...) a name that is no policy key most likely
+/// meant (`KVH_CONFG`), by the rule of [`nearest_key`].
+fn nearest_other_variable(name: &str) -> Option<String> {
+    let name = name.to_ascii_uppercase();
+    OTHER_ENV
+        .iter()
+        .map(|v| (strsim::damerau_levenshtein(&name, v), v))
+        .filter(|(d, v)| *d <= (v.len() / 3).max(1))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, v)| v.to_string())
+}
+
 fn parse_in(v: &str, min: u64, max: u64) -> Option<u64> {
     let n: u64 = v.trim().parse().ok()?;
     (min..=max).contains(&n).then_some(n)
@@ -1264,8 +1287,15 @@ fn non_empty_path(v: &str) -> Option<Option<PathBuf>> {
 /// and the files are opened. Spellings of one path are one policy, with one digest: a
 /// trailing slash in a deployment's value is no policy drift.
 fn one_spelling(v: &str) -> PathBuf {
+    path_in_one_spelling(Path::new(v))
+}
+
+/// [`one_spelling`] of a path given elsewhere than in the policy (a command-line flag that
+/// stands in for a policy key, as `kvh demo --log-dir` does for `KVH_LOG_DIR`): the policy
+/// it makes has the digest the same path given to the key would give.
+pub fn path_in_one_spelling(path: &Path) -> PathBuf {
     use std::path::Component;
-    let mut parts: Vec<Component<'_>> = Path::new(v).components().collect();
+    let mut parts: Vec<Component<'_>> = path.components().collect();
     if parts.len() > 1 && parts[0] == Component::CurDir {
         parts.remove(0);
     }
@@ -1863,6 +1893,24 @@ mod tests {
         }
     }
 
+    /// A policy file that cannot be read is named as the variable that named it, the path
+    /// quoted: a stray space shows, and the reader knows where to look.
+    #[test]
+    fn an_unreadable_policy_file_is_named_by_its_variable() {
+        let err = Config::from_vars(&vars(&[("KVH_CONFIG", "/nonexistent/p.toml ")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("KVH_CONFIG=\"/nonexistent/p.toml \": cannot read the policy file"),
+            "{err}"
+        );
+        // Read directly (`kvh config --file`), no variable named it.
+        let err = Config::from_file(Path::new("/nonexistent/p.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("KVH_CONFIG"), "{err}");
+    }
+
     #[test]
     fn an_unknown_key_names_the_key_it_most_likely_meant_in_its_own_spelling() {
         let env = |name: &str| {
@@ -1882,6 +1930,9 @@ mod tests {
             (file("idle-ttl-ms = 5\n"), "idle_ttl_ms"),
             (file("kvh_gate = \"scrub\"\n"), "kv_gate"),
             (env("KVH_ANOMALYZ"), "KVH_ANOMALY_Z"),
+            // The variables beside the policy keys are meant too.
+            (env("KVH_CONFG"), "KVH_CONFIG"),
+            (env("KVH_PRELAOD"), "KVH_PRELOAD"),
         ] {
             assert!(
                 err.contains(&format!("; did you mean {meant}? (known keys: ")),
