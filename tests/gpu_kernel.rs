@@ -52,6 +52,10 @@ fn every_size_and_alignment_is_zeroed_exactly() {
         31,
         255,
         4096 + 3,
+        // Around one inline chunk (32 KiB): written whole by one block, or published.
+        32_767,
+        32_768,
+        32_769,
         65_535,
         65_536,
         65_537,

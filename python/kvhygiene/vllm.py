@@ -295,8 +295,8 @@ def layouts_of_runner(model_runner) -> tuple:
     A KV cache group with no layer on this worker's pipeline stage gets the layout all the
     same (the scheduler hands out its blocks, the same memory); a worker with no KV cache at
     all (an attention-free or encoder-only model) gets ``([], [])``. The block sizes are the
-    scheduler's: under decode context parallelism, a group's ``block_size`` times the
-    parallel size.
+    scheduler's: under context parallelism, a group's ``block_size`` times the decode and
+    prefill context-parallel sizes.
 
     Refused (``ValueError``, naming the layer), rather than leaving blocks ungated: a layer
     whose cache is not one tensor (a Mamba layer's states), a cache whose blocks are not
@@ -341,17 +341,18 @@ def layouts_of_runner(model_runner) -> tuple:
             f"the layers' caches have {len(merged)} block geometries ({merged}): one block id "
             "would span several layouts, which claim_scheduled does not take"
         )
-    # Under decode context parallelism a scheduler block holds a block of tokens on each rank
-    # (vLLM's KV cache manager: block_size * decode_context_parallel_size), and computed
-    # tokens count the whole sequence's. Attention specs are sharded unless they say not
-    # (vLLM 0.33's AttentionSpec.dcp_sharded defaults to True; earlier releases lack the
-    # field and shard every group).
+    # Under context parallelism a scheduler block holds a block of tokens on each rank
+    # (vLLM's KV cache manager: block_size * decode_context_parallel_size *
+    # prefill_context_parallel_size), and computed tokens count the whole sequence's.
+    # Attention specs are sharded unless they say not (vLLM 0.33's AttentionSpec.dcp_sharded
+    # defaults to True; earlier releases lack the field and shard every group).
     parallel = getattr(model_runner, "parallel_config", None)
     if parallel is None:
         parallel = getattr(getattr(model_runner, "vllm_config", None), "parallel_config", None)
     dcp = _integer(getattr(parallel, "decode_context_parallel_size", 1) or 1, "decode_context_parallel_size")
+    pcp = _integer(getattr(parallel, "prefill_context_parallel_size", 1) or 1, "prefill_context_parallel_size")
     block_sizes = [
-        _block_size(g.kv_cache_spec.block_size) * (dcp if getattr(g.kv_cache_spec, "dcp_sharded", True) else 1)
+        _block_size(g.kv_cache_spec.block_size) * (dcp * pcp if getattr(g.kv_cache_spec, "dcp_sharded", True) else 1)
         for g in groups
     ]
     return [merged[0]] * len(groups), block_sizes
@@ -723,7 +724,9 @@ def claim_scheduled(
         layouts_ = _per_group(layouts, len(groups), "layouts")
         tenant = tenant_of(req_id) if tenant_of else None
         if tenant is not None:
-            tenant = context_id(tenant)
+            # "" is no tenant, to the library as to None: one owner, one key here too (else
+            # a request id reused once with "" and once with None would not be scrubbed).
+            tenant = context_id(tenant) or None
         request = context_id(req_id)
         owner = (tenant, request)
         refused = [list(ids) for ids in shared.get(req_id, [[] for _ in groups])]

@@ -397,6 +397,25 @@ def test_under_decode_context_parallel_a_fresh_block_after_a_prefix_hit_is_scrub
     assert worker.steps[-1][1] == bytes(layers * PAGE), "b's fresh block 3 kept a's KV bytes (taken for a prefix hit)"
 
 
+def test_under_prefill_context_parallel_a_fresh_block_after_a_prefix_hit_is_scrubbed(vllm_worker, memory):
+    # The same for the other context-parallel axis: vLLM's KV cache manager multiplies the
+    # spec's block size by decode_context_parallel_size * prefill_context_parallel_size. With
+    # PCP 2 (DCP 1) and spec block size 16, 32 computed tokens fill one scheduler block.
+    worker, base, layers = _worker(vllm_worker, memory)
+    worker.runner.parallel_config = NS(decode_context_parallel_size=1, prefill_context_parallel_size=2)
+    worker.runner.vllm_config = NS(parallel_config=worker.runner.parallel_config)
+    worker.parallel_config = worker.runner.parallel_config
+    worker.initialize_from_config(NS())
+    assert worker._kvh_block_sizes == [32]
+    worker.execute_model(_step(new=[("a", [3])]))
+    _write(base, layers, 3, 0xA1)  # a's keys and values; a finishes
+    step = _step()
+    step.scheduled_new_reqs = [NS(req_id="b", block_ids=([1, 3],), num_computed_tokens=32)]
+    worker.look = lambda: _block(base, layers, 3)
+    worker.execute_model(step)
+    assert worker.steps[-1][1] == bytes(layers * PAGE), "b's fresh block 3 kept a's KV bytes (taken for a prefix hit)"
+
+
 def test_a_kv_cache_group_with_no_layer_on_this_pipeline_stage_keeps_its_place(vllm_worker, memory):
     # vLLM 0.33, v1/core/kv_cache_planning.py, _project_kv_cache_groups_to_worker: under
     # pipeline parallelism each worker's kv_cache_config keeps every global KV cache group, in

@@ -338,8 +338,11 @@ mod tests {
     fn layouts() -> Vec<Vec<u64>> {
         vec![
             vec![1],
-            vec![1 << 14],
-            vec![(1 << 14) + 1],
+            // One inline chunk whole (its result written by its block), and one byte more
+            // (two chunks, the second of one byte, their counts published).
+            vec![(1 << INLINE_CHUNK_SHIFT) - 1],
+            vec![1 << INLINE_CHUNK_SHIFT],
+            vec![(1 << INLINE_CHUNK_SHIFT) + 1],
             vec![1 << 30],
             vec![65_537, 1, 7, 3 * 65_536 - 5, 8, 9, 512],
             vec![64 * 1024; 4096],
