@@ -1290,7 +1290,8 @@ fn one_spelling(v: &str) -> PathBuf {
     path_in_one_spelling(Path::new(v))
 }
 
-/// [`one_spelling`] of a path given elsewhere than in the policy (a command-line flag that
+/// The spelling the policy gives a path (without repeated or trailing separators and `.`
+/// components), for a path given elsewhere than in the policy (a command-line flag that
 /// stands in for a policy key, as `kvh demo --log-dir` does for `KVH_LOG_DIR`): the policy
 /// it makes has the digest the same path given to the key would give.
 pub fn path_in_one_spelling(path: &Path) -> PathBuf {
