@@ -2568,3 +2568,83 @@ fn bytes_planted_after_a_crashed_chain_s_end_are_read_in_bounded_memory() {
         PLANTED >> 20
     );
 }
+
+/// The output is a file the tail appends to (as its help suggests a collector reads). A run
+/// whose write is cut part way through a record (here a file size limit) exits 2 and passes
+/// that record on again, whole, at the next run: the next run must not glue its first line
+/// to the fragment, which would leave neither line valid JSON (a record, or a tampering
+/// alert, lost to the collector).
+#[test]
+fn a_record_cut_short_in_the_output_does_not_swallow_the_next_runs_first_line() {
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    write_log(&cfg(&dir, 1 << 20), 40, false);
+    let state = tmp.path().join("tail.json");
+    let st = state.to_str().unwrap();
+    let out_path = tmp.path().join("out.jsonl");
+    let appended = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&out_path)
+            .unwrap()
+    };
+    let mut cut = kvh();
+    cut.arg("tail-log")
+        .arg(&dir)
+        .args(["--once", "--state", st, "--from-start"])
+        .stdout(appended());
+    // SAFETY: only async-signal-safe calls (signal, setrlimit) between fork and exec.
+    unsafe {
+        cut.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit {
+                rlim_cur: 3000,
+                rlim_max: 3000,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let first = cut.output().unwrap();
+    assert_eq!(
+        first.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let after_first = std::fs::read(&out_path).unwrap();
+    assert!(
+        after_first.last() != Some(&b'\n'),
+        "the limit did not cut a record part way ({} bytes): the test proves nothing",
+        after_first.len()
+    );
+    let second = kvh()
+        .arg("tail-log")
+        .arg(&dir)
+        .args(["--once", "--state", st])
+        .stdout(appended())
+        .output()
+        .unwrap();
+    assert_ok(&second);
+    let text = std::fs::read_to_string(&out_path).unwrap();
+    let records = log_lines(&dir);
+    let mut passed_on = Vec::new();
+    for line in text.lines() {
+        if line.starts_with('{')
+            && line.ends_with('}')
+            && serde_json::from_str::<Value>(line).is_ok()
+        {
+            passed_on.push(line.to_string());
+        }
+    }
+    for record in &records {
+        assert!(
+            passed_on.contains(record),
+            "a record never reached the output as a line of its own: {record}\n--- output:\n{text}"
+        );
+    }
+}

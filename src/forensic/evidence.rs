@@ -1719,10 +1719,29 @@ fn detail(record: &Map<String, Value>, own: Option<&str>) -> String {
         .join(", ")
 }
 
+/// Whether the character at `i` of `chars` is where GitHub's extended autolinks would start
+/// a link (`https://...`, any `scheme://`, `www.`): escaped there, the text shows as itself
+/// and links nowhere (a client-chosen id spelled as a phishing address, say). An address
+/// with `@` still renders as a `mailto:` link: that autolink is found after escapes are
+/// resolved, where no escape can reach it.
+fn opens_autolink(chars: &[char], i: usize) -> bool {
+    match chars.get(i) {
+        Some(':') => chars.get(i + 1) == Some(&'/') && chars.get(i + 2) == Some(&'/'),
+        Some('.') => {
+            i >= 3
+                && chars[i - 3..i]
+                    .iter()
+                    .all(|c| c.eq_ignore_ascii_case(&'w'))
+        }
+        _ => false,
+    }
+}
+
 /// Text from the log made safe for one Markdown table cell or list line: control characters
 /// (a newline would end the row and could forge lines after it) become spaces, and `\`, `|`,
-/// `` ` ``, `<`, `[`, `*`, `~`, `&` and `_` at a word's edge are escaped, so a tenant id or a
-/// detail can neither shift the columns nor format anything.
+/// `` ` ``, `<`, `[`, `*`, `~`, `&` and `_` at a word's edge are escaped, as are the `:` of
+/// `://` and the `.` of `www.` ([`opens_autolink`]), so a tenant id or a detail can neither
+/// shift the columns nor format anything, nor become a web link.
 fn cell(text: &str) -> String {
     let chars: Vec<char> = text.chars().collect();
     let mut out = String::with_capacity(text.len());
@@ -1745,6 +1764,10 @@ fn cell(text: &str) -> String {
                 out.push('\\');
                 out.push(c);
             }
+            c if opens_autolink(&chars, i) => {
+                out.push('\\');
+                out.push(c);
+            }
             c => out.push(c),
         }
     }
@@ -1753,14 +1776,19 @@ fn cell(text: &str) -> String {
 
 /// Text from the log as Markdown inline text that shows as itself after the start of a line
 /// (a heading's text included): every character that can open emphasis, a link, a code span,
-/// an entity or HTML, or close a heading is escaped, wherever it stands, and control characters
-/// become spaces.
+/// an entity or HTML, or close a heading is escaped, wherever it stands, as is where a web
+/// autolink would start ([`opens_autolink`]), and control characters become spaces.
 fn literal(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
     let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
+    for (i, &c) in chars.iter().enumerate() {
         match c {
             c if c.is_control() => out.push(' '),
             '\\' | '`' | '*' | '_' | '[' | ']' | '<' | '&' | '#' | '~' | '|' | '!' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if opens_autolink(&chars, i) => {
                 out.push('\\');
                 out.push(c);
             }
@@ -2704,6 +2732,24 @@ mod tests {
         assert_eq!(cell("~~t~~ &lt;"), "\\~\\~t\\~\\~ \\&lt;");
         // An underscore at a word's edge can open or close emphasis; inside one it cannot.
         assert_eq!(cell("_acme_ a_b __x"), "\\_acme\\_ a_b \\_\\_x");
+    }
+
+    /// GitHub's extended autolinks make `https://...`, any `scheme://...` and `www....` links
+    /// in plain text: a client-chosen id spelled as an address must show as text. Escaped at
+    /// the `:` of `://` and the `.` of `www.`, in cells and headings alike; other colons and
+    /// dots are left as they are.
+    #[test]
+    fn text_spelled_as_a_web_address_links_nowhere() {
+        assert_eq!(
+            cell("https://evil.example/login"),
+            "https\\://evil.example/login"
+        );
+        assert_eq!(cell("see www.evil.example"), "see www\\.evil.example");
+        assert_eq!(cell("WWW.x"), "WWW\\.x");
+        assert_eq!(cell("ftp://x"), "ftp\\://x");
+        assert_eq!(cell("a:b 1.5 w.x ww.y"), "a:b 1.5 w.x ww.y");
+        assert_eq!(literal("http://x"), "http\\://x");
+        assert_eq!(literal("www.x"), "www\\.x");
     }
 
     #[test]

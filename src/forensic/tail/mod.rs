@@ -213,6 +213,44 @@ pub fn run_tail_log(args: &TailLogArgs) -> i32 {
     }
 }
 
+/// Ends the line an earlier run left cut short in its output (a write stopped part way by a
+/// full disk or a file size limit: that run exited 2, and passes the record on again whole),
+/// so that this run's first line, a tampering alert included, is a line of its own and not
+/// glued to the fragment. Only for an output that is a regular file (appended to, as the help
+/// suggests): its last byte is read through the file opened again for reading (stdout is open
+/// for writing only); a pipe or a terminal cannot be read back, and a file this process may
+/// not read is left as it is.
+fn end_a_line_cut_short_in_the_output() -> Result<(), String> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    // The file stdout is, by its /proc link: a pipe or a terminal is not opened.
+    const STDOUT: &str = "/proc/self/fd/1";
+    if !std::fs::metadata(STDOUT).is_ok_and(|m| m.is_file() && m.len() > 0) {
+        return Ok(());
+    }
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(STDOUT)
+    else {
+        return Ok(());
+    };
+    let Ok(meta) = file.metadata() else {
+        return Ok(());
+    };
+    let mut last = [0u8; 1];
+    let cut = meta.is_file()
+        && meta.len() > 0
+        && file.read_exact_at(&mut last, meta.len() - 1).is_ok()
+        && last[0] != b'\n';
+    if !cut {
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    out.write_all(b"\n")
+        .and_then(|()| out.flush())
+        .map_err(|e| format!("cannot end the line an earlier run cut short in the output: {e}"))
+}
+
 /// The tail; `lock` receives the `--state` file's lock, for the caller to hold until the end.
 fn tail(args: &TailLogArgs, lock: &mut Option<StateLock>) -> Result<(), Stop> {
     if args.log.json {
@@ -223,6 +261,7 @@ fn tail(args: &TailLogArgs, lock: &mut Option<StateLock>) -> Result<(), Stop> {
     // The keys and the other arguments first: a tail that would fail at its first pass must
     // not wait for the directory (nor write the state that says it started) with them.
     let mut opts = options_but_dir(&args.log).map_err(Stop::Error)?;
+    end_a_line_cut_short_in_the_output().map_err(Stop::Error)?;
     // One line per pass is said below; the verifier's own progress would repeat every pass.
     opts.progress = false;
     let saved = match &args.state {
