@@ -21,18 +21,7 @@ fn the_demo_snapshot_carries_the_policy_digest_of_its_start_record() {
         .arg(&file));
     assert_eq!(code, 0, "kvh demo failed:\n{out}\n{err}");
 
-    let mut starts = Vec::new();
-    for entry in std::fs::read_dir(&log).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|x| x == "jsonl") {
-            for line in std::fs::read_to_string(&path).unwrap().lines() {
-                let record: Value = serde_json::from_str(line).unwrap();
-                if record["kind"] == "start" {
-                    starts.push(record["config_digest"].as_str().unwrap().to_string());
-                }
-            }
-        }
-    }
+    let starts = start_digests(&log);
     assert_eq!(starts.len(), 1, "one start record: {starts:?}");
 
     let text = std::fs::read_to_string(&file).unwrap();

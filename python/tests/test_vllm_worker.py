@@ -372,39 +372,23 @@ def test_under_the_enforcing_gate_the_first_requests_get_the_blocks_scrubbed_at_
 # --- Review of the worker against vLLM 0.33's scheduler and model runners ---------------------
 
 
-def test_under_decode_context_parallel_a_fresh_block_after_a_prefix_hit_is_scrubbed(vllm_worker, memory):
+@pytest.mark.parametrize("dcp, pcp", [(2, 1), (1, 2)])
+def test_under_context_parallelism_a_fresh_block_after_a_prefix_hit_is_scrubbed(vllm_worker, memory, dcp, pcp):
     # vLLM 0.33, v1/core/single_type_kv_cache_manager.py, SingleTypeKVCacheManager.__init__:
-    # ``self.block_size = kv_cache_spec.block_size * self.dcp_world_size`` for a DCP-sharded
-    # spec (AttentionSpec.dcp_sharded defaults to True): one scheduler block holds
-    # block_size * decode_context_parallel_size tokens, interleaved over the DCP ranks, while
-    # the worker's kv_cache_config keeps the per-rank spec.block_size. NewRequestData's
-    # num_computed_tokens counts tokens of the whole sequence. With DCP 2 and spec block size
-    # 16, 32 computed tokens fill one scheduler block: block_ids [1, 3] are hit 1 and fresh 3.
+    # the spec's block size times dcp_world_size * pcp_world_size for a sharded spec
+    # (AttentionSpec.dcp_sharded defaults to True): one scheduler block holds
+    # block_size * decode_context_parallel_size * prefill_context_parallel_size tokens,
+    # interleaved over the ranks, while the worker's kv_cache_config keeps the per-rank
+    # spec.block_size. NewRequestData's num_computed_tokens counts tokens of the whole
+    # sequence. With either size 2 and spec block size 16, 32 computed tokens fill one
+    # scheduler block: block_ids [1, 3] are hit 1 and fresh 3.
     worker, base, layers = _worker(vllm_worker, memory)
-    worker.runner.dcp_world_size = 2  # V1 GPUModelRunner.__init__
-    worker.runner.dcp_size = 2  # V2 GPUModelRunner.__init__
-    worker.runner.parallel_config = NS(decode_context_parallel_size=2)
+    worker.runner.dcp_world_size = dcp  # V1 GPUModelRunner.__init__
+    worker.runner.dcp_size = dcp  # V2 GPUModelRunner.__init__
+    worker.runner.parallel_config = NS(decode_context_parallel_size=dcp, prefill_context_parallel_size=pcp)
     worker.runner.vllm_config = NS(parallel_config=worker.runner.parallel_config)
     worker.parallel_config = worker.runner.parallel_config
     worker.runner.kv_cache_config.kv_cache_groups[0].kv_cache_spec.dcp_sharded = True
-    worker.initialize_from_config(NS())
-    worker.execute_model(_step(new=[("a", [3])]))
-    _write(base, layers, 3, 0xA1)  # a's keys and values; a finishes
-    step = _step()
-    step.scheduled_new_reqs = [NS(req_id="b", block_ids=([1, 3],), num_computed_tokens=32)]
-    worker.look = lambda: _block(base, layers, 3)
-    worker.execute_model(step)
-    assert worker.steps[-1][1] == bytes(layers * PAGE), "b's fresh block 3 kept a's KV bytes (taken for a prefix hit)"
-
-
-def test_under_prefill_context_parallel_a_fresh_block_after_a_prefix_hit_is_scrubbed(vllm_worker, memory):
-    # The same for the other context-parallel axis: vLLM's KV cache manager multiplies the
-    # spec's block size by decode_context_parallel_size * prefill_context_parallel_size. With
-    # PCP 2 (DCP 1) and spec block size 16, 32 computed tokens fill one scheduler block.
-    worker, base, layers = _worker(vllm_worker, memory)
-    worker.runner.parallel_config = NS(decode_context_parallel_size=1, prefill_context_parallel_size=2)
-    worker.runner.vllm_config = NS(parallel_config=worker.runner.parallel_config)
-    worker.parallel_config = worker.runner.parallel_config
     worker.initialize_from_config(NS())
     assert worker._kvh_block_sizes == [32]
     worker.execute_model(_step(new=[("a", [3])]))

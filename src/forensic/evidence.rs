@@ -1727,12 +1727,7 @@ fn detail(record: &Map<String, Value>, own: Option<&str>) -> String {
 fn opens_autolink(chars: &[char], i: usize) -> bool {
     match chars.get(i) {
         Some(':') => chars.get(i + 1) == Some(&'/') && chars.get(i + 2) == Some(&'/'),
-        Some('.') => {
-            i >= 3
-                && chars[i - 3..i]
-                    .iter()
-                    .all(|c| c.eq_ignore_ascii_case(&'w'))
-        }
+        Some('.') => i >= 3 && chars[i - 3..i].iter().all(|c| c.eq_ignore_ascii_case(&'w')),
         _ => false,
     }
 }
