@@ -40,6 +40,7 @@ import contextlib
 import contextvars
 import ctypes
 import functools
+import inspect
 import json
 import numbers
 import operator
@@ -153,17 +154,23 @@ class ClaimRefusedError(KvhError):
     verification (``code`` 7009; the other blocks were handed over), another claim took them
     while the claim ran (``code`` 7022: two requests were given the same blocks, or
     the gate lost track of them, its ledger pushed out at every try; the other blocks were
-    handed over), or, with ``KVH_KV_GATE=enforce``, they would change owner
+    handed over), or, with ``KVH_KV_GATE=enforce``, some would change owner
     without a verified scrub (``code`` 7021; nothing of the refusing library call was handed
-    over, but a claim split over several calls hands over the calls before it: see
-    :func:`claim_blocks`). Refused blocks must not be used."""
+    over, so ``refused_blocks`` holds all its blocks, and a claim split over several calls
+    hands over the calls before it: see :func:`claim_blocks`). Refused blocks must not be
+    used.
 
-    def __init__(self, code: int, message: str, refused_blocks: list):
+    ``unscrubbed_blocks`` (7021 only, else empty) are the blocks among them the library named
+    as changing owner unscrubbed or failed at their last scrub: :func:`scrub_blocks` them
+    before claiming the set again. The others of the refused call had passed the gate."""
+
+    def __init__(self, code: int, message: str, refused_blocks: list, unscrubbed_blocks: Optional[list] = None):
         super().__init__("kvh_claim_blocks", code, message)
         self.refused_blocks = refused_blocks
+        self.unscrubbed_blocks = [] if unscrubbed_blocks is None else unscrubbed_blocks
 
     def __reduce__(self):
-        return (type(self), (self.code, self.message, self.refused_blocks), self.__dict__)
+        return (type(self), (self.code, self.message, self.refused_blocks, self.unscrubbed_blocks), self.__dict__)
 
 
 class AllocatorAlreadyInUseError(RuntimeError):
@@ -737,7 +744,20 @@ def _text_is_an_address(value) -> bool:
 # 0x7f...>" (an async id getter called without await), "<Future at 0x... state=pending>",
 # "<weakref at 0x...; to ...>", also inside other text (f"req-{obj}"). The name before the
 # address may hold brackets of its own ("<coroutine object f.<locals>.g at 0x...>").
-_ADDRESS_TEXT = re.compile(r"<.*\bat 0x[0-9a-fA-F]+")
+_AT_ADDRESS = re.compile(r"\bat 0x[0-9a-fA-F]+")
+
+
+def _names_an_address(text: str) -> bool:
+    """Whether ``text`` holds a ``<`` followed, on the same line, by ``at 0x`` and hex digits.
+
+    Two linear scans per line rather than one pattern with ``<.*`` before the address: that
+    pattern backtracks from every ``<``, and a client's id of thousands of them would hold the
+    GIL for seconds before its length is even checked."""
+    for line in text.split("\n"):
+        first = line.find("<")
+        if first >= 0 and any(m.start() > first for m in _AT_ADDRESS.finditer(line)):
+            return True
+    return False
 
 
 def _encode(value: Optional[str], name: str) -> Optional[bytes]:
@@ -773,7 +793,7 @@ def _encode(value: Optional[str], name: str) -> Optional[bytes]:
     # would share one identity. Objects whose text is their default one are refused above;
     # this catches those that print their address in a text of their own (coroutines,
     # generators, futures, locks, weak references) and ids built from such a text.
-    if _ADDRESS_TEXT.search(text):
+    if _names_an_address(text):
         raise (ValueError if isinstance(value, str) else TypeError)(
             f"{name} {text!r} names an object's memory address, which a later object may "
             "take; give the id itself as a str"
@@ -791,18 +811,71 @@ class _Entry:
     other context (a generator finished on another thread, or in a copy) cannot drop the
     entry from the context that entered it, nor tell that context from copies made since: its
     entry is *abandoned* and holds nowhere, so that no later work claims as that request
-    (copies made inside the block lose the ids too, which only costs a scrub)."""
+    (copies made inside the block lose the ids too, which only costs a scrub).
 
-    __slots__ = ("ids", "state")
+    A block entered by a generator (its ``owner``, see :func:`_generator_owner`) holds only
+    while that generator runs: one paused at a ``yield`` inside the block shares its caller's
+    execution context, and the caller's work (another request's) must not carry its ids."""
+
+    __slots__ = ("ids", "state", "owner")
 
     ENTERED, LEFT, ABANDONED = range(3)
 
-    def __init__(self, ids):
+    def __init__(self, ids, owner):
         self.ids = ids
         self.state = _Entry.ENTERED
+        self.owner = owner
 
     def holds(self) -> bool:
         return self.state != _Entry.ABANDONED
+
+    def holds_in(self, running) -> bool:
+        """Whether the entry holds for code whose call stack is ``running()`` (its frames,
+        computed once per lookup, and only when an entry has an owner)."""
+        if not self.holds():
+            return False
+        return self.owner is None or any(f is self.owner for f in running())
+
+
+_GENERATOR_FLAGS = inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR
+_CONTEXTLIB_FILE = contextlib.__file__
+
+
+def _is_contextlib(frame) -> bool:
+    return frame.f_code.co_filename == _CONTEXTLIB_FILE
+
+
+def _generator_owner(frame):
+    """The generator frame that owns a :func:`context` entered in ``frame`` (the frame whose
+    ``with`` entered it), or ``None`` when a function or coroutine entered it.
+
+    contextlib's own frames are looked through (``ExitStack.enter_context``), and so is a
+    generator that contextlib drives as a context manager (``@contextmanager`` around
+    ``with kvhygiene.context(...)``): its caller's body runs inside the block by design,
+    while it is paused, so the owner is whoever entered *it*. A generator driven any other way
+    (a streaming response, an async generator an ``async for`` reads) is paused between items
+    with its caller running other work, another request's included, in the same execution
+    context. Coroutines are not owners: one paused at an ``await`` runs nothing of its
+    caller's in its context, and tasks it creates are meant to keep its ids."""
+    while frame is not None:
+        while frame is not None and _is_contextlib(frame):
+            frame = frame.f_back
+        if frame is None or not frame.f_code.co_flags & _GENERATOR_FLAGS:
+            return None
+        driver = frame.f_back
+        if driver is None or not _is_contextlib(driver):
+            return frame
+        frame = driver
+    return None
+
+
+def _running_frames():
+    """The frames of the calling thread's stack, innermost first."""
+    frames, frame = [], sys._getframe(1)
+    while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    return frames
 
 
 #: The contexts entered in the running code's own execution context (a thread, or an asyncio
@@ -812,9 +885,18 @@ _entered: contextvars.ContextVar = contextvars.ContextVar("kvhygiene_contexts", 
 
 def _innermost():
     """The ids of the innermost context that holds here, or ``None``: entries abandoned (left
-    in another context than the one that entered them) are skipped."""
+    in another context than the one that entered them) are skipped, and so are those of a
+    generator that is not running (paused inside its block)."""
+    stack = None
+
+    def running():
+        nonlocal stack
+        if stack is None:
+            stack = _running_frames()
+        return stack
+
     for entry in reversed(_entered.get()):
-        if entry.holds():
+        if entry.holds_in(running):
             return entry.ids
     return None
 
@@ -891,6 +973,17 @@ def context(
     its innermost context at its next :func:`context`, :func:`claim_blocks` or
     :func:`scrub_blocks` (allocations it makes before that still carry the left ids).
 
+    A context a generator enters holds only while that generator runs. Paused at a ``yield``
+    inside the block (a streamed response), it shares its caller's execution context, and the
+    caller's own work (another request's included) neither carries its ids nor inherits its
+    tenant. A generator driven by :func:`contextlib.contextmanager`,
+    :func:`contextlib.asynccontextmanager` or an :class:`contextlib.ExitStack` is the
+    exception: the body of the caller's ``with`` is meant to run inside its block. A resumed
+    generator's allocations carry the ids last set on the thread until its next
+    :func:`context`, :func:`claim_blocks` or :func:`scrub_blocks`, as a task's do after an
+    ``await``; tasks and copies of the execution context made inside its block never get its
+    ids (which only costs a scrub).
+
     Each :func:`claim_blocks`, :func:`scrub_blocks` and :func:`refuse_blocks` gives the
     library the calling context's ids first, so that native code calling ``kvh_set_context``
     or ``kvh_clear_context`` on the same thread, or another green thread (gevent, eventlet)
@@ -907,7 +1000,8 @@ def context(
     _set(ids)
     # Each entry is its own object: leaving a context marks its entry, wherever it is (one
     # left out of order, by interleaved generators, must not take another's with it).
-    entry = _Entry(ids)
+    # This generator's frame, contextlib's __enter__, then the frame of the `with`.
+    entry = _Entry(ids, _generator_owner(sys._getframe(2)))
     token = _entered.set(_entered.get() + (entry,))
     try:
         yield
@@ -1200,7 +1294,7 @@ def claim_blocks(layout: KvLayout, block_ids, stream=None) -> None:
     blocks of the calls before it were handed over, and ``refused_blocks`` holds every other
     block (the refused call's and those of the calls it stopped).
     """
-    refused, refusal = [], None
+    refused, refusal, unscrubbed = [], None, []
     block_ids = _id_list(block_ids)
     made = 0  # ids passed to the calls made so far
     for code, named, ids, message in _kv_calls("kvh_claim_blocks", layout, block_ids, stream):
@@ -1212,6 +1306,7 @@ def claim_blocks(layout: KvLayout, block_ids, stream=None) -> None:
             # In the order given: the call's own ids, the ones the library named among them.
             refused.extend(ids)
             refused.extend(_block_id(i) for i in block_ids[made:])
+            unscrubbed = named
             refusal = (code, message)
             break
         if code in (KVH_ERR_VERIFY_FAILED, KVH_ERR_KV_TAKEN):
@@ -1227,7 +1322,7 @@ def claim_blocks(layout: KvLayout, block_ids, stream=None) -> None:
             error.refused_blocks = refused + named
             raise error
     if refusal is not None:
-        raise ClaimRefusedError(refusal[0], refusal[1], refused)
+        raise ClaimRefusedError(refusal[0], refusal[1], refused, unscrubbed)
 
 
 def refuse_blocks(layout: KvLayout, block_ids, reason: str) -> None:
@@ -1236,6 +1331,10 @@ def refuse_blocks(layout: KvLayout, block_ids, reason: str) -> None:
     (one block given to two requests in the same step, which no scrub can separate): a
     ``policy_violation`` record (policy ``kv_gate``), counted with the refused claims. Nothing
     is scrubbed or handed over; the blocks must not be used by the request.
+
+    ``reason`` is free text, not an id: a ``str``, bytes, ``None`` or any object's ``str()``
+    (an exception), recorded as given but cut at 512 bytes, with bytes that are not UTF-8 and
+    NUL characters replaced (U+FFFD).
 
     Raises :class:`KvhError` when the refusal could not be recorded (a bad layout or ids, as
     :func:`claim_blocks` checks them). Ids must be distinct and below
@@ -1251,7 +1350,7 @@ def refuse_blocks(layout: KvLayout, block_ids, reason: str) -> None:
     c_layout = _CLayout(
         bases, len(layout.regions), layout.block_bytes, layout.block_stride, layout.blocks_per_region
     )
-    text = _encode(reason, "reason")
+    text = _reason_bytes(reason)
     _resync_context()
     per_call = max(1, _MAX_KV_SEGMENTS // max(1, len(layout.regions)))
     if len(ids) > per_call:
@@ -1263,6 +1362,26 @@ def refuse_blocks(layout: KvLayout, block_ids, reason: str) -> None:
         code = lib.kvh_refuse_blocks(ctypes.byref(c_layout), c_ids, len(chunk), layout.device, text)
         if code != KVH_OK:
             raise KvhError("kvh_refuse_blocks", code, _last_message() or _message(code))
+
+
+#: U+FFFD in UTF-8, the library's replacement for bytes that are not UTF-8.
+_REPLACEMENT = "\ufffd".encode("utf-8")
+
+
+def _reason_bytes(reason) -> Optional[bytes]:
+    """A refusal's reason as ``kvh_refuse_blocks`` takes it. Free text, unlike an id: no check
+    refuses it, since a refusal the engine decided must be recorded whatever its wording. A
+    NUL would end the C string there and drop the rest, so it is replaced as the library
+    replaces bytes that are not UTF-8 (a lone surrogate is passed on for the library to
+    replace)."""
+    if reason is None:
+        return None
+    if isinstance(reason, (bytes, bytearray, memoryview)):
+        raw = bytes(reason)
+    else:
+        text = str.__str__(reason) if isinstance(reason, str) else str(reason)
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.replace(b"\0", _REPLACEMENT)
 
 
 def _check_layout(layout, call: str) -> None:

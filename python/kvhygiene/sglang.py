@@ -228,19 +228,34 @@ def _page_size(source) -> int:
     return page
 
 
-def _indices(free_index) -> List[int]:
-    """Token indices as ints: a tensor or array in one transfer, else a sequence."""
+def _indices(free_index, what: str = "token index") -> List[int]:
+    """Token indices (or page ids: ``what``) as ints: a tensor or array in one transfer, else a
+    sequence. Bytes and strings are refused, as :func:`kvhygiene.scrub_blocks` refuses them:
+    iterated, they give byte values or characters, which would be read as other indices."""
+    if isinstance(free_index, (bytes, bytearray, memoryview, str)) or free_index is None:
+        raise TypeError(
+            f"{what} values given as {type(free_index).__name__}: pass a sequence of integers "
+            "(a tensor, a list or a tuple)"
+        )
     if hasattr(free_index, "tolist"):
         free_index = free_index.tolist()
         if isinstance(free_index, int):
             free_index = [free_index]
+    if not hasattr(free_index, "__iter__"):
+        raise TypeError(
+            f"{what} values given as {type(free_index).__name__}: pass a sequence of integers "
+            "(a tensor, a list or a tuple)"
+        )
     out = []
     for i in free_index:
         if isinstance(i, bool):
-            raise TypeError(f"token index {i!r} is a bool")
-        i = operator.index(i)
+            raise TypeError(f"{what} {i!r} is a bool")
+        try:
+            i = operator.index(i)
+        except TypeError:
+            raise TypeError(f"{what} {i!r} is a {type(i).__name__}, not an integer") from None
         if i < 0:
-            raise ValueError(f"token index {i} is negative")
+            raise ValueError(f"{what} {i} is negative")
         out.append(i)
     return out
 
@@ -333,7 +348,7 @@ class ScrubOnFree:
         """The allocator's ``free_page_ids`` (SGLang 0.5.23's: pages by id, given back without
         ``free``; its paged ``free_segment`` and its sliding-window allocator's page frees go
         through it): the pages are scrubbed as for ``free``, and those withheld left out."""
-        pages = sorted(set(_indices(page_ids)))
+        pages = sorted(set(_indices(page_ids, "page id")))
         dropped = self._scrub_freed(pages)
         kept = _without_pages(page_ids, dropped) if dropped else page_ids
         return self._passing(pages, self.original_page_ids, kept, *args, **kwargs)

@@ -82,6 +82,8 @@ from . import (
     _innermost,
     _integer,
     _layouts_by_geometry,
+    _names_an_address,
+    _text_is_an_address,
     claim_blocks,
     context,
     refuse_blocks,
@@ -168,16 +170,27 @@ def _unprintable(c: str) -> bool:
 
 def context_id(req_id) -> str:
     """The request id under which :func:`claim_scheduled` claims a request's blocks: vLLM's
-    own, or, for one the library would refuse (over 128 bytes of UTF-8, or holding a control
-    or invisible format character: clients choose request ids) or one that starts with
-    ``sha256:``, that prefix and
-    the hex SHA-256 of its UTF-8.
+    own, or, for one the library would refuse (over 128 bytes of UTF-8, holding a control
+    or invisible format character, or text that reads as an object's address, ``<... at
+    0x...>``, which :func:`kvhygiene.context` refuses: clients choose request ids) or one that
+    starts with ``sha256:``, that prefix and the hex SHA-256 of its UTF-8.
     The same request gets the same id at every step, and two requests never share one, so
     the gate tells them apart as it does other ids; the forensic records then carry the
     digest, which an auditor recomputes from the engine's own request log. Bytes (a raw
     header) are their UTF-8 text, as in :func:`kvhygiene.context`; bytes that are not UTF-8
     are the digest of a 0xFF byte followed by them (no text's encoding holds 0xFF, so they
-    never share a digest with a text, one with a lone surrogate included)."""
+    never share a digest with a text, one with a lone surrogate included).
+
+    Raises ``TypeError`` for an object that is not text and whose text is its address (an
+    object with no ``__str__`` of its own, a coroutine, a method given for the id it
+    returns): another object takes that address once it is gone, so the digest of that text
+    would make two requests one owner."""
+    if not isinstance(req_id, (str, bytes, bytearray)):
+        if _text_is_an_address(req_id) or _names_an_address(str(req_id)):
+            raise TypeError(
+                f"id {str(req_id)[:80]!r}: a {type(req_id).__name__} whose text names its memory "
+                "address is no id; give the id itself as a str"
+            )
     if isinstance(req_id, (bytes, bytearray)):
         try:
             req_id = bytes(req_id).decode("utf-8")
@@ -198,6 +211,7 @@ def context_id(req_id) -> str:
             # Printable ASCII (vLLM's own ids) holds none of the characters refused, all
             # control characters or beyond ASCII: the scan of every character is skipped.
             and ((text.isascii() and text.isprintable()) or not any(_unprintable(c) for c in text))
+            and not _names_an_address(text)
         )
         if kept:
             return text

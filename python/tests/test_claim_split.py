@@ -76,6 +76,7 @@ def test_blocks_the_gate_refuses_are_named_in_the_order_given(monkeypatch):
     with pytest.raises(kvhygiene.ClaimRefusedError) as e:
         kvhygiene.claim_blocks(None, [2, 3, 4])
     assert e.value.refused_blocks == [2, 3, 4]
+    assert e.value.unscrubbed_blocks == [2], "the block the library named is the one to scrub"
 
 
 def test_a_split_claim_with_a_failed_verification_after_a_taken_block_reports_the_failed_verification(monkeypatch):

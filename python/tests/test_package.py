@@ -908,6 +908,8 @@ def test_errors_keep_their_type_and_fields_across_a_process_boundary():
         assert type(back) is type(e) and str(back) == str(e) and back.code == e.code
     assert pickle.loads(pickle.dumps(errors[1])).failed_blocks == [4, 6]
     assert pickle.loads(pickle.dumps(errors[2])).refused_blocks == [1, 2]
+    named = kvhygiene.ClaimRefusedError(7021, "would change owner", [1, 2], [2])
+    assert pickle.loads(pickle.dumps(named)).unscrubbed_blocks == [2]
 
 
 @needs_lib
@@ -2580,3 +2582,203 @@ if __name__ == "__main__":
     assert chains, f"no chain of worker {worker} in {sorted(p.name for p in log.iterdir())}"
     last = json.loads(chains[-1].read_text().splitlines()[-1])
     assert last["kind"] == "stop", last
+
+
+# ---- a context a paused generator entered ----
+
+_TENANT_SCOPED_STREAM = """
+import ctypes, sys
+sys.path.insert(0, sys.argv[1])
+import kvhygiene as k
+lib = k.load(sys.argv[2])
+p = lib.kvh_malloc(2 * 8 * 256, 0, None)
+layout = k.KvLayout([p, p + 8 * 256], 256, 8)
+k.scrub_blocks(layout, range(8))
+
+def stream_a():
+    # Tenant A's streamed response: its block 0 holds A's keys while it is paused.
+    with k.context(tenant_id="tenant-a", request_id="r-a"):
+        k.claim_blocks(layout, [0])
+        ctypes.memset(p, 0x41, 256)
+        yield 1
+        yield 2
+
+def handle_b():
+    # An anonymous request served between two of A's chunks: it names no tenant.
+    with k.context(request_id="r-b"):
+        ids = k._innermost()
+        k.claim_blocks(layout, [0])
+        return ids, ctypes.string_at(p, 8)
+
+a = stream_a()
+next(a)
+ids, seen = handle_b()
+print(ids)
+print(seen.hex())
+print(k._innermost())
+list(a)
+"""
+
+
+@needs_lib
+def test_a_request_served_while_another_tenants_generator_is_paused_inside_its_context_gets_none_of_its_ids(tmp_path):
+    # A generator paused at a yield inside its context shares its caller's execution
+    # context. Under the tenant scope, request r-b (no tenant) served meanwhile must not
+    # inherit tenant-a: it would be tenant-a's to the gate, which would hand it block 0 with
+    # tenant-a's keys in it, unscrubbed.
+    run = _run_script(tmp_path, _TENANT_SCOPED_STREAM, KVH_KV_GATE_SCOPE="tenant")
+    assert run.returncode == 0, run.stderr
+    ids, seen, outside = run.stdout.splitlines()
+    assert ids == "(None, b'r-b', None)", f"r-b's ids {ids}: inherited from the paused generator"
+    assert seen == "00" * 8, "r-b was handed tenant-a's block unscrubbed"
+    assert outside == "None", f"code outside any context runs under {outside}"
+
+
+@needs_lib
+def test_a_generator_holds_its_context_while_it_runs_and_after_it_resumes():
+    seen = []
+
+    def stream():
+        with kvhygiene.context(tenant_id="t", request_id="r-g"):
+            seen.append(kvhygiene._innermost())
+            yield
+            seen.append(kvhygiene._innermost())
+
+    g = stream()
+    next(g)
+    seen.append(kvhygiene._innermost())
+    next(g, None)
+    assert seen == [(b"t", b"r-g", None), None, (b"t", b"r-g", None)]
+
+
+@needs_lib
+def test_a_context_entered_through_a_context_manager_generator_holds_in_the_with_body():
+    # @contextmanager (and ExitStack, and @asynccontextmanager) run the caller's body while
+    # their generator is paused inside the block: that body is the request's.
+    import asyncio
+
+    @contextlib.contextmanager
+    def request_scope(rid):
+        with kvhygiene.context(tenant_id="t", request_id=rid):
+            yield
+
+    @contextlib.contextmanager
+    def nested_scope(rid):
+        with request_scope(rid):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def async_scope(rid):
+        with kvhygiene.context(request_id=rid):
+            yield
+
+    with request_scope("r-1"):
+        assert kvhygiene._innermost() == (b"t", b"r-1", None)
+    with nested_scope("r-2"):
+        assert kvhygiene._innermost() == (b"t", b"r-2", None)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(kvhygiene.context(request_id="r-3"))
+        assert kvhygiene._innermost() == (None, b"r-3", None)
+
+    async def main():
+        async with async_scope("r-4"):
+            assert kvhygiene._innermost() == (None, b"r-4", None)
+
+            async def task():
+                return kvhygiene._innermost()
+
+            assert await asyncio.create_task(task()) == (None, b"r-4", None)
+
+    asyncio.run(main())
+    assert kvhygiene._innermost() is None
+
+
+@needs_lib
+def test_the_reader_of_a_paused_async_generator_does_not_claim_under_its_ids():
+    import asyncio
+
+    seen = []
+
+    async def tokens():
+        with kvhygiene.context(tenant_id="t-a", request_id="r-a"):
+            yield 1
+
+    async def main():
+        async for _ in tokens():
+            seen.append(kvhygiene._innermost())
+            with kvhygiene.context(request_id="r-b"):
+                seen.append(kvhygiene._innermost())
+
+    asyncio.run(main())
+    assert seen == [None, (None, b"r-b", None)]
+
+
+# ---- ids that name an address ----
+
+
+def test_the_address_check_finds_what_a_backtracking_pattern_finds():
+    # _names_an_address replaces the pattern r"<.*\bat 0x[0-9a-fA-F]+" (which backtracks
+    # from every "<"): the same verdict on texts built from its pieces.
+    import itertools
+
+    old = re.compile(r"<.*\bat 0x[0-9a-fA-F]+")
+    pieces = ["<", ">", "at 0x1f", "xat 0x1", " ", "\n", "a", "0x", "at 0x", "<locals>"]
+    for n in range(1, 5):
+        for parts in itertools.product(pieces, repeat=n):
+            text = "".join(parts)
+            assert kvhygiene._names_an_address(text) == bool(old.search(text)), repr(text)
+
+
+@needs_lib
+def test_an_id_of_many_brackets_is_refused_for_its_length():
+    # The old pattern took seconds on this, holding the GIL, before the length was checked.
+    with pytest.raises(kvhygiene.KvhError, match="128"):
+        with kvhygiene.context(tenant_id="acme", request_id="<" * 50_000):
+            pass
+
+
+# ---- refusal reasons, unscrubbed blocks ----
+
+
+@needs_lib
+def test_a_refusal_reason_is_free_text_recorded_whatever_it_says():
+    # refuse_blocks' reason is not an id: text naming an object, bytes that are not UTF-8, a
+    # NUL, an exception object. Each refusal is recorded (counted), none raises.
+    class Request:
+        pass
+
+    with _cache() as p:
+        layout = kvhygiene.KvLayout([p, p + 8 * 128], 128, 8)
+        reasons = [f"block 3 already given to {Request()!r}", b"dup \xff", "a\0b", ValueError("dup"), None, "\ud800"]
+        with kvhygiene.context(request_id="r-1"):
+            for reason in reasons:
+                before = kvhygiene.stats()["counters"]["kv_claims_refused"]
+                kvhygiene.refuse_blocks(layout, [3], reason)
+                assert kvhygiene.stats()["counters"]["kv_claims_refused"] == before + 1, repr(reason)
+    assert kvhygiene._reason_bytes("a\0b") == "a\ufffdb".encode()
+    assert kvhygiene._reason_bytes(ValueError("dup")) == b"dup"
+
+
+_ENFORCED_CLAIM = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import kvhygiene as k
+lib = k.load(sys.argv[2])
+p = lib.kvh_malloc(8 * 256, 0, None)
+layout = k.KvLayout([p], 256, 8)
+k.scrub_blocks(layout, [0, 1, 2, 3])
+with k.context(request_id="r-1"):
+    try:
+        k.claim_blocks(layout, [0, 1, 2, 3, 4, 5])
+    except k.ClaimRefusedError as e:
+        print(e.code, e.refused_blocks, e.unscrubbed_blocks)
+"""
+
+
+@needs_lib
+def test_an_enforced_refusal_names_the_blocks_that_need_a_scrub(tmp_path):
+    # Nothing of the refused call was handed over (refused_blocks: all six); blocks 4 and 5
+    # were never scrubbed, so they would change owner unscrubbed: those are the ones to scrub.
+    run = _run_script(tmp_path, _ENFORCED_CLAIM, KVH_KV_GATE="enforce")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "7021 [0, 1, 2, 3, 4, 5] [4, 5]", run.stdout

@@ -163,6 +163,12 @@ def test_pages_and_layouts_refuse_what_they_cannot_read():
         pages_of([-1], 1)
     with pytest.raises(TypeError, match="bool"):
         pages_of([True], 1)
+    # Iterated, bytes give byte values and a string characters: never read as indices.
+    for wrong in (b"\x05\x09", bytearray(b"\x05"), "12", None, 5):
+        with pytest.raises(TypeError, match="token index values given as"):
+            pages_of(wrong, 4)
+    with pytest.raises(TypeError, match="token index '1' is a str, not an integer"):
+        pages_of(["1"], 4)
     with pytest.raises(ValueError, match="page_size 0"):
         pages_of([1], 0)
     with pytest.raises(AttributeError, match="neither k_buffer"):

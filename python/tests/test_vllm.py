@@ -176,6 +176,36 @@ def test_context_ids_are_vllms_unless_the_library_would_refuse_them():
     assert context_id("a\nb") != context_id("a\rb")
 
 
+def test_a_client_id_that_reads_as_an_address_is_hashed_and_claims_every_request():
+    # kvhygiene.context refuses text naming an object's address ("<... at 0x...>"), to catch
+    # an id built from an object's default text. A client chooses its request id, so such
+    # text is an id like any other: context_id hashes it, and claim_scheduled claims every
+    # request of the step instead of stopping on it half done.
+    lib = kvhygiene.load()
+    p = lib.kvh_malloc(2 * BLOCKS * BLOCK_BYTES, 0, None)
+    layout = kvhygiene.KvLayout([p, p + BLOCKS * BLOCK_BYTES], BLOCK_BYTES, BLOCKS)
+    client_id = "chatcmpl-<script at 0x1>"
+    cid = context_id(client_id)
+    assert cid.startswith("sha256:") and cid == context_id(client_id)
+    before = kvhygiene.stats()["counters"]["kv_blocks_claimed"]
+    claim_scheduled(step(new=[("ok-1", [1], 0), (client_id, [2], 0), ("ok-2", [3], 0)]), [layout], BLOCK_TOKENS)
+    assert kvhygiene.stats()["counters"]["kv_blocks_claimed"] - before == 3
+    claim_scheduled(step(new=[("ok-3", [4], 0)]), [layout], BLOCK_TOKENS, tenant_of=lambda r: "<t at 0xab>")
+    lib.kvh_free(p, 2 * BLOCKS * BLOCK_BYTES, 0, None)
+
+
+def test_an_object_whose_text_is_its_address_is_no_context_id():
+    # An object given for an id (tenant_of returning the request object): its default text
+    # names where it lives, which a later object takes; hashing it would not tell them apart.
+    class Tenant:
+        pass
+
+    for bad in (Tenant(), lambda: "acme"):
+        with pytest.raises(TypeError, match="address"):
+            context_id(bad)
+    assert context_id(7) == "7"
+
+
 def test_a_tenant_given_as_a_str_subclass_is_its_text_as_in_context():
     # kvhygiene.context takes a str subclass (a `class Tenant(str, Enum)` member) as its text:
     # context_id, through which claim_scheduled passes tenant and request ids, gives the same
