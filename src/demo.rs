@@ -175,6 +175,12 @@ pub enum DemoError {
         "out of host memory for a {0}-byte buffer (fewer --tenants or --decode-tokens need less)"
     )]
     HostMemory(u64),
+    #[error(
+        "cannot start the thread of tenant {tenant}: {source} (a limit on this process's \
+         threads is reached, as a container's pids limit or ulimit -u; fewer --tenants need \
+         fewer)"
+    )]
+    Thread { tenant: u32, source: std::io::Error },
     /// `stop` was set (SIGINT or SIGTERM): the requests under way finished, no more began.
     #[error("interrupted after {done} of {total} requests")]
     Interrupted { done: u64, total: u64 },
@@ -203,17 +209,22 @@ pub fn run(
     let done = AtomicU64::new(0);
     let total = u64::from(opts.tenants) * u64::from(opts.requests_per_tenant);
     let started = Instant::now();
+    // Set when a tenant's thread could not start: those already running stop before their
+    // next request, and the run ends with that error.
+    let abandon = AtomicBool::new(false);
     std::thread::scope(|scope| -> Result<(), DemoError> {
-        let workers: Vec<_> = (0..opts.tenants)
-            .map(|tenant| {
-                let (alloc, paged) = (&alloc, &paged);
-                let (checked, residue, done) = (&checked, &residue, &done);
-                scope.spawn(move || -> Result<(), DemoError> {
+        let mut workers = Vec::new();
+        for tenant in 0..opts.tenants {
+            let (alloc, paged) = (&alloc, &paged);
+            let (checked, residue, done, abandon) = (&checked, &residue, &done, &abandon);
+            let spawned = std::thread::Builder::new()
+                .name(format!("kvh-demo-t{tenant}"))
+                .spawn_scoped(scope, move || -> Result<(), DemoError> {
                     let mut rng = Rng(
                         opts.seed ^ (u64::from(tenant) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
                     );
                     for request in 0..opts.requests_per_tenant {
-                        if stop.load(Ordering::Relaxed) {
+                        if stop.load(Ordering::Relaxed) || abandon.load(Ordering::Relaxed) {
                             let done = done.load(Ordering::Relaxed);
                             return Err(DemoError::Interrupted { done, total });
                         }
@@ -235,9 +246,20 @@ pub fn run(
                     }
                     Context::set_current(Context::none());
                     Ok(())
-                })
-            })
-            .collect();
+                });
+            match spawned {
+                Ok(w) => workers.push(w),
+                Err(e) => {
+                    abandon.store(true, Ordering::Relaxed);
+                    for w in workers {
+                        // Their outcome is moot (interrupted, or an error of their own that
+                        // this one outranks): the run could not be what was asked.
+                        let _ = w.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+                    }
+                    return Err(DemoError::Thread { tenant, source: e });
+                }
+            }
+        }
         for w in workers {
             w.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
         }

@@ -1638,6 +1638,65 @@ fn the_json_verify_command_runs_in_a_shell_when_the_directory_holds_another_chai
     );
 }
 
+/// A process that may start few threads (a container's pids limit, `ulimit -u`): the demo
+/// says why it cannot run and exits 2, as README.md's table says of a start-up error, not
+/// with a panic (101) when a tenant's thread cannot start. The limit binds an unprivileged
+/// uid only, hence `setpriv` from root; which thread fails first (a tenant's or the
+/// library's) depends on what else runs, and either must end so.
+#[test]
+fn a_demo_that_may_not_start_its_threads_exits_2_without_a_panic() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        skip::skipped("needs root to run kvh as another uid");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = cli_common::kvh_copy_in(tmp.path());
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(&exe)
+        .args([
+            "demo",
+            "--backend",
+            "host",
+            "--tenants",
+            "64",
+            "--requests",
+            "1",
+        ])
+        .env_clear();
+    // SAFETY: only async-signal-safe calls (setrlimit) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 6,
+                rlim_max: 6,
+            };
+            if libc::setrlimit(libc::RLIMIT_NPROC, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    if stderr.contains("Permission denied") || out.status.code() == Some(0) {
+        skip::skipped(&format!(
+            "uid 65534 cannot run the built kvh here, or its threads are not limited: {stderr}"
+        ));
+        return;
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("thread"),
+        "the error does not say a thread could not start: {stderr}"
+    );
+}
+
 /// `--metrics-file` in a directory this uid cannot write: refused before the run (2, naming
 /// the option and why), not after a whole run whose report then says the snapshot was lost.
 /// Shown for an unprivileged uid (65534) through `setpriv`, from root (root may write any

@@ -373,6 +373,41 @@ fn a_second_checkpoint_signed_by_a_retired_key_is_an_error() {
     assert_eq!(e.accepting_modes(&chain), []);
 }
 
+/// An earlier checkpoint of the chain, signed by its own writer (a copy kept from a
+/// snapshot), put beside the writer's file under another name, sorting before or after it:
+/// the run fails, the chain is checked against the writer's file, and the error names the
+/// other one as the extra.
+#[test]
+fn an_earlier_checkpoint_put_beside_the_writers_is_the_extra_one() {
+    for extra in ["kvh-0earlier.ckpt", "kvh-zearlier.ckpt"] {
+        let e = Env::new();
+        let victim = e.rotated(0, false);
+        let chain = chain_of(&victim[0]);
+        let writers = checkpoint::path_for(&e.log, &chain);
+        let genuine = fs::read(&writers).unwrap();
+        let ck: Value = serde_json::from_slice(&genuine).unwrap();
+        let key_id = ck["key_id"].as_str().map(str::to_string);
+        let lines = read_lines(&victim[0]);
+        forge_ckpt(&e.log, &chain, &victim[0], &lines[1], &e.new_sk, key_id);
+        fs::rename(&writers, e.log.join(extra)).unwrap();
+        fs::write(&writers, &genuine).unwrap();
+        let r = verify(&e.log, &e.opts(Mode::Plain));
+        assert_eq!(r.exit_code(), 1, "{extra}: {r:?}");
+        let err = r
+            .errors
+            .iter()
+            .find(|x| x.contains("a second checkpoint"))
+            .unwrap_or_else(|| panic!("{extra}: {:?}", r.errors));
+        assert!(
+            err.starts_with(&e.log.join(extra).display().to_string()),
+            "{err}"
+        );
+        assert!(!err.contains("a copy of the same bytes"), "{err}");
+        let c = r.chains.iter().find(|c| c.chain == chain).unwrap();
+        assert_eq!(c.checkpoint_seq, ck["seq"].as_u64(), "{extra}: {c:?}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // The retired HMAC secret alone.
 

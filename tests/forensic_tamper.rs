@@ -818,3 +818,121 @@ fn a_torn_end_longer_than_any_record_is_counted_as_torn_bytes() {
     assert!(r.ok(), "{:?}", r.first_problem());
     assert_eq!(r.chains[0].torn_bytes, torn as u64);
 }
+
+/// `line` without its `mac` member (the last one; the hash does not cover it): what anyone
+/// can do to a sealed record without the secret.
+fn without_mac(line: &str) -> String {
+    let at = line.rfind(",\"mac\":\"").expect("a sealed line");
+    format!("{}}}", &line[..at])
+}
+
+#[test]
+fn macs_stripped_from_a_sealed_chain_fail_it_with_the_public_key_alone() {
+    // The hash chain and the checkpoint still hold, so without this check a verifier holding
+    // only the public key took the chain for one written without an HMAC key.
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, ck, public) = signed_log(&tmp);
+    let files = chain_files(&dir);
+    for f in &files {
+        let lines: Vec<String> = read_lines(f).iter().map(|l| without_mac(l)).collect();
+        write_lines(f, &lines);
+    }
+    let mut opts = with_checkpoint(&ck, &public);
+    opts.hmac_keys.clear();
+    let r = verify(&dir, &opts);
+    assert_problem(
+        &r,
+        &name(&files[0]),
+        1,
+        "signed checkpoint names the HMAC secret",
+    );
+    assert!(r.first_problem().unwrap().reason.contains("MACs removed"));
+}
+
+#[test]
+fn a_mac_stripped_from_one_record_fails_the_chain_without_any_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = keyed_log(&tmp);
+    let mut lines = read_lines(&files[1]);
+    lines[2] = without_mac(&lines[2]);
+    write_lines(&files[1], &lines);
+    let r = verify(&dir, &VerifyOptions::default());
+    assert_problem(
+        &r,
+        &name(&files[1]),
+        3,
+        "earlier records carry one: MACs removed",
+    );
+}
+
+#[test]
+fn a_mac_added_to_one_record_of_an_unsealed_chain_fails_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = unkeyed_log(&tmp);
+    assert!(verify(&dir, &VerifyOptions::default()).ok());
+    let mut lines = read_lines(&files[1]);
+    let open = lines[2].strip_suffix('}').unwrap().to_string();
+    lines[2] = format!("{open},\"mac\":\"{}\"}}", "ab".repeat(32));
+    write_lines(&files[1], &lines);
+    let r = verify(&dir, &VerifyOptions::default());
+    assert_problem(&r, &name(&files[1]), 3, "earlier records carry none");
+}
+
+#[test]
+fn a_chain_that_fails_at_its_checkpoint_is_said_to_have_one() {
+    // The chain line said "no checkpoint" for a chain whose checkpoint was read and caught
+    // the cut: the words of a deleted checkpoint, at odds with the problem line under it.
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, ck, public) = signed_log(&tmp);
+    let newest = chain_files(&dir).pop().unwrap();
+    let mut lines = read_lines(&newest);
+    lines.pop();
+    write_lines(&newest, &lines);
+    let key_file = secret_key_file(tmp.path());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvh"))
+        .arg("verify-log")
+        .arg(&dir)
+        .arg("--key-file")
+        .arg(&key_file)
+        .arg("--public-key")
+        .arg(&public)
+        .arg("--checkpoint")
+        .arg(&ck)
+        .env_remove("KVH_LOG_DIR")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let chain_line = text.lines().find(|l| l.starts_with("chain ")).unwrap();
+    assert!(chain_line.contains(", not matched: FAILED"), "{chain_line}");
+    assert!(chain_line.contains("checkpoint at seq "), "{chain_line}");
+    assert!(!chain_line.contains("no checkpoint"), "{chain_line}");
+}
+
+/// A copy of the chain's checkpoint put beside the writer's, under a name sorting before it
+/// and under one sorting after it (chain ids read `p<pid>-t<time>`).
+#[test]
+fn a_second_checkpoint_is_named_as_the_extra_one_whichever_name_sorts_first() {
+    for extra in ["kvh-0copy.ckpt", "kvh-zcopy.ckpt"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, ck, public) = signed_log(&tmp);
+        let writers = fs::read_dir(&ck).unwrap().next().unwrap().unwrap().path();
+        fs::copy(&writers, ck.join(extra)).unwrap();
+        let r = verify(&dir, &with_checkpoint(&ck, &public));
+        assert_eq!(r.exit_code(), 1, "{r:?}");
+        let e = r
+            .errors
+            .iter()
+            .find(|e| e.contains("a second checkpoint"))
+            .unwrap_or_else(|| panic!("{extra}: {r:?}"));
+        assert!(
+            e.starts_with(&ck.join(extra).display().to_string()),
+            "{extra}: {e}"
+        );
+        assert!(e.contains("(a copy of the same bytes)"), "{e}");
+        assert!(
+            e.ends_with(&format!("checked against {}", writers.display())),
+            "{e}"
+        );
+    }
+}

@@ -531,6 +531,81 @@ fn serve_metrics_exits_2_when_the_address_is_taken() {
     );
 }
 
+/// A process that may start no further thread (`ulimit -u 1` for an unprivileged uid, set
+/// from root through `setpriv`): the address was free, so the error must not send the
+/// operator looking for a port conflict.
+#[test]
+fn serve_metrics_that_cannot_start_its_thread_does_not_blame_the_address() {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        skip::skipped("needs root to run kvh as another uid");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = cli_common::kvh_copy_in(tmp.path());
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(&exe)
+        .args([
+            "serve-metrics",
+            "--file",
+            "/nonexistent.prom",
+            "--listen",
+            &addr,
+        ])
+        .env_clear();
+    // SAFETY: only async-signal-safe calls (setrlimit) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 1,
+                rlim_max: 1,
+            };
+            if libc::setrlimit(libc::RLIMIT_NPROC, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Where the limit does not bind, the server starts and runs until killed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+    let Some(status) = status.filter(|_| !err.contains("Permission denied")) else {
+        skip::skipped(&format!(
+            "uid 65534 cannot run the built kvh here, or its threads are not limited: {err}"
+        ));
+        return;
+    };
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(
+        !err.contains("cannot listen") && err.contains("cannot start the thread that serves"),
+        "{err}"
+    );
+}
+
 /// A complexity bound, not a speed target: a 1 MiB file (the largest accepted) of ~116,000
 /// one-sample families is judged in linear time. Quadratic parsing took some 44 s for it in a
 /// debug build, which `kvh gate` as a probe (5 s timeout) and each `serve-metrics` scrape, on

@@ -633,15 +633,17 @@ fn chain_line(c: &ChainReport, several: Several) -> String {
             if p.complete { " (the whole chain)" } else { "" }
         ));
     }
-    notes.push(match c.checkpoint_seq {
-        Some(s) => format!("checkpoint at seq {s} verified"),
-        None if c.checkpoints_checked => "no checkpoint".into(),
+    notes.push(match (c.checkpoint_seq, c.checkpoint_read) {
+        (Some(s), _) => format!("checkpoint at seq {s} verified"),
+        // Read and signed, but the chain failed before or at it (the problem says how).
+        (None, Some(s)) => format!("checkpoint at seq {s} read, not matched"),
+        (None, None) if c.checkpoints_checked => "no checkpoint".into(),
         // Its writer named a signing key, so it signed checkpoints: said, since without them
         // a cut tail or a deleted newest file does not show.
-        None if c.signer.is_some() => {
+        (None, None) if c.signer.is_some() => {
             "its writer signed checkpoints, not checked (no --public-key)".into()
         }
-        None => "no checkpoint checked (no --public-key)".into(),
+        (None, None) => "no checkpoint checked (no --public-key)".into(),
     });
     if let Some(recorded) = c.checkpoint_behind() {
         notes.push(format!(

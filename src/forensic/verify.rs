@@ -128,6 +128,10 @@ pub struct ChainReport {
     pub key_index: Option<usize>,
     /// Seq of the signed checkpoint that was matched, if any.
     pub checkpoint_seq: Option<u64>,
+    /// Seq of the signed checkpoint read for the chain, matched or not: a chain that fails
+    /// before or at it was checked against it, which "no checkpoint" would deny.
+    #[serde(skip)]
+    pub checkpoint_read: Option<u64>,
     /// Checkpoints were checked (a public key was pinned): a chain without one fails.
     pub checkpoints_checked: bool,
     /// With `allow_pruned`: the files `prune-log` moved away before the first one checked.
@@ -1031,14 +1035,18 @@ fn load_checkpoints(
                         refuse_checkpoint(report, &f, Some(named), why);
                         continue;
                     }
-                    if let Some(first) = seen.get(&c.chain) {
-                        // Which one is genuine cannot be decided: both are tampering evidence.
-                        report.errors.push(format!(
-                            "{}: a second checkpoint for chain {} (the first is {})",
-                            f.display(),
-                            c.chain,
-                            first.display()
-                        ));
+                    if let Some(first) = seen.get(&c.chain).cloned() {
+                        // The run fails: the writer signs one file per chain, so one of the
+                        // two was put there. The chain is judged against the file of the
+                        // writer's name, whichever came first.
+                        let writers = named.as_deref() == Some(c.chain.as_str())
+                            && named_chain(&first).as_deref() != Some(c.chain.as_str());
+                        let (kept, extra) = if writers { (&f, &first) } else { (&first, &f) };
+                        report.errors.push(second_checkpoint(&c.chain, kept, extra));
+                        if writers {
+                            seen.insert(c.chain.clone(), f.clone());
+                            out.insert(c.chain.clone(), c);
+                        }
                         continue;
                     }
                     seen.insert(c.chain.clone(), f.clone());
@@ -1049,6 +1057,30 @@ fn load_checkpoints(
         }
     }
     Ok((out, files_seen))
+}
+
+/// The error of a second signed checkpoint `extra` for `chain`, beside `kept`, the one the
+/// chain is checked against. Which is genuine cannot be told from the signatures (a copy
+/// of an earlier genuine checkpoint verifies too), so neither is called forged; a copy with
+/// the same bytes is said as such.
+fn second_checkpoint(chain: &str, kept: &Path, extra: &Path) -> String {
+    let same = matches!(
+        (std::fs::read(kept), std::fs::read(extra)),
+        (Ok(a), Ok(b)) if a == b
+    );
+    format!(
+        "{}: a second checkpoint for chain {chain}{}, beside {}: its writer signs one file \
+         ({}), so one of them was put there; the chain is checked against {}",
+        extra.display(),
+        if same {
+            " (a copy of the same bytes)"
+        } else {
+            ""
+        },
+        kept.display(),
+        checkpoint::file_name_of(chain),
+        kept.display()
+    )
 }
 
 /// The chain a checkpoint file's name names (`kvh-<chain>.ckpt`, as the writer names it);
@@ -1228,6 +1260,8 @@ struct Walk<'a> {
     /// The signer named up to the record the checkpoint covers, once the walk reached it:
     /// the key the checkpoint must be signed with.
     signer_at_ckpt: Option<Option<String>>,
+    /// Whether the records read so far carry a `mac` (`None` before the first).
+    mac_seen: Option<bool>,
     report: ChainReport,
 }
 
@@ -1690,11 +1724,13 @@ impl<'a> Walk<'a> {
             ckpt,
             signer: None,
             signer_at_ckpt: None,
+            mac_seen: None,
             report: ChainReport {
                 chain: chain.to_string(),
                 files,
                 macs_checked: !opts.hmac_keys.is_empty(),
                 checkpoints_checked: !opts.public_keys.is_empty(),
+                checkpoint_read: ckpt.map(|c| c.seq),
                 ..Default::default()
             },
         })
@@ -1945,11 +1981,39 @@ impl<'a> Walk<'a> {
                 return Err("mac is not 64 lower-case hex digits".into());
             }
         }
+        self.sealed_throughout(mac_hex.is_some())?;
         if let ChainKey::Unchecked = self.key {
             return Ok(None);
         }
         let mac = mac_hex.ok_or("record has no mac but a key was given")?;
         self.key.check(hash, parse_hash(mac))
+    }
+
+    /// A chain is sealed throughout or not at all: its writer seals every record or none, and
+    /// a crashed chain is continued only by a writer that seals as it did
+    /// (`recovery::continuable`). A signed checkpoint that names the chain's secret (`key_id`)
+    /// says it is sealed. Both are checked also without the HMAC key: a verifier holding only
+    /// the public key would otherwise take a chain whose MACs were stripped, all or some, for
+    /// one written without a key.
+    fn sealed_throughout(&mut self, has_mac: bool) -> Result<(), String> {
+        if !has_mac {
+            if let Some(id) = self.ckpt.and_then(|c| c.key_id.as_deref()) {
+                return Err(format!(
+                    "record has no mac, but the chain's signed checkpoint names the HMAC secret \
+                     that seals it ({id}): MACs removed"
+                ));
+            }
+        }
+        match self.mac_seen.replace(has_mac) {
+            Some(true) if !has_mac => Err("record has no mac, but the chain's earlier records \
+                                           carry one: MACs removed"
+                .into()),
+            Some(false) if has_mac => Err("record carries a mac, but the chain's earlier \
+                                           records carry none: its writer seals every record \
+                                           or none"
+                .into()),
+            _ => Ok(()),
+        }
     }
 
     /// `start` opens file 0, `rotate` opens every later file and links to the previous one,

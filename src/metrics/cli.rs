@@ -831,8 +831,8 @@ pub fn run_serve_metrics(args: &ServeMetricsArgs) -> i32 {
         Ok(s) => s,
         Err(e) => {
             crate::say(format_args!(
-                "kvh serve-metrics: cannot listen on {}: {e}",
-                args.listen
+                "kvh serve-metrics: {}",
+                e.describe(args.listen)
             ));
             return EXIT_USAGE;
         }

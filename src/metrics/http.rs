@@ -92,6 +92,28 @@ pub trait Routes: Send + Sync + 'static {
     fn get(&self, path: &str) -> Response;
 }
 
+/// Why [`Server::start`] failed. Said apart because they send an operator to different
+/// places: the address (taken, not this host's, not permitted), or the process, which could
+/// get no thread (a pids limit, `ulimit -u`) although the address was free.
+#[derive(Debug)]
+pub enum StartError {
+    Listen(std::io::Error),
+    Thread(std::io::Error),
+}
+
+impl StartError {
+    /// What failed, for an operator: `cannot listen on ADDR: ...` or why no thread ran.
+    pub fn describe(&self, addr: SocketAddr) -> String {
+        match self {
+            StartError::Listen(e) => format!("cannot listen on {addr}: {e}"),
+            StartError::Thread(e) => format!(
+                "cannot start the thread that serves {addr}: {e} (a limit on this process's \
+                 threads, as a container's pids limit or ulimit -u, is reached)"
+            ),
+        }
+    }
+}
+
 /// A running server. Dropping it stops the thread.
 pub struct Server {
     addr: SocketAddr,
@@ -107,11 +129,11 @@ impl Server {
         routes: Arc<dyn Routes>,
         limits: Limits,
         name: &str,
-    ) -> std::io::Result<Server> {
-        let listener = ForkClosed::new(TcpListener::bind(addr)?);
-        let addr = listener.local_addr()?;
+    ) -> Result<Server, StartError> {
+        let listener = ForkClosed::new(TcpListener::bind(addr).map_err(StartError::Listen)?);
+        let addr = listener.local_addr().map_err(StartError::Listen)?;
         // Never blocking: the thread waits in `poll`, and `accept` must not hang it.
-        listener.set_nonblocking(true)?;
+        listener.set_nonblocking(true).map_err(StartError::Listen)?;
         let stop = Arc::new(AtomicBool::new(false));
         let rejected = Arc::new(AtomicU64::new(0));
         let mut state = Loop {
@@ -124,7 +146,8 @@ impl Server {
         };
         let thread = std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || state.run())?;
+            .spawn(move || state.run())
+            .map_err(StartError::Thread)?;
         Ok(Server {
             addr,
             stop,

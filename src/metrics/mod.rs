@@ -452,8 +452,9 @@ fn start_http(addr: SocketAddr, inner: &Arc<Inner>, limits: http::Limits) -> Opt
         }
         Err(e) => {
             note(&format!(
-                "metrics HTTP exporter off: cannot listen on {addr} (KVH_METRICS_ADDR): {e}; \
-                 the allocator runs without it"
+                "metrics HTTP exporter off: {} (KVH_METRICS_ADDR); the allocator runs \
+                 without it",
+                e.describe(addr)
             ));
             None
         }

@@ -773,6 +773,7 @@ def _verify_chain(chain, idx_paths, manifest_path, cks, keys, pubs, allow_pruned
     signer = None  # the last signer named up to the current record
     found_ck = None  # (file name, hash, signer at that point) of the record the checkpoint covers
     prev_rotate_ts = None  # the ts of the record before, when it is a rotate
+    sealed = None  # whether the records read so far carry a mac
     torn = 0
     for n, idx in enumerate(indexes):
         name, blob = data[idx]
@@ -826,6 +827,12 @@ def _verify_chain(chain, idx_paths, manifest_path, cks, keys, pubs, allow_pruned
                     raise Bad(f"{where}: MAC mismatch at epoch {idx}")
             elif "mac" in rec and not HEX64.match(rec["mac"]):
                 raise Bad(f"{where}: mac is not 64 lower-case hex digits")
+            # rule 3: a mac on every record or on none, and on every one under a key_id
+            if ck is not None and "key_id" in ck and "mac" not in rec:
+                raise Bad(f"{where}: record has no mac, but the signed checkpoint names a key_id")
+            if sealed is not None and sealed != ("mac" in rec):
+                raise Bad(f"{where}: a mac on some records of the chain only")
+            sealed = "mac" in rec
             kind = rec["kind"]
             # rule 4
             if ln == 1 and idx == 0 and kind != "start":

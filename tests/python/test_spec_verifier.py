@@ -944,3 +944,23 @@ def test_a_negative_ts_is_judged_alike(signed_log, keys, tmp_path):
     rc, st, out, res = both(d, keys)
     assert (rc, st) == (1, 1), f"kvh verify-log: {rc}\n{out}\nspec verifier: {res}"
     assert "record has no ts (Unix nanoseconds: an integer, 0 or more)" in out, out
+
+
+@pytest.mark.parametrize("which", ["one", "all"])
+def test_macs_stripped_from_a_sealed_chain_are_caught_without_the_hmac_key(which, signed_log, keys, tmp_path):
+    # Rule 3: a chain carries a mac on every record or on none, and on every one when its
+    # signed checkpoint names a key_id. MACs stripped (hashes and checkpoint made again, as
+    # anyone can without the secret) are caught by a verifier holding only the public key,
+    # and, from one record, by one holding no key at all.
+    d = copy(signed_log, tmp_path)
+    (chain,) = chains_of(d)
+
+    def strip(recs):
+        for n, (_, r) in enumerate(recs):
+            if which == "all" or n == 3:
+                r["_drop"] = ["mac"]
+
+    reseal(d, chain, keys, strip, serialize=_ser_without_private)
+    agree(d, keys, 1, with_key=False)
+    # Without any key, a chain stripped whole reads as one written without a key.
+    agree(d, keys, 1 if which == "one" else 0, with_key=False, with_pub=False)
