@@ -29,17 +29,18 @@
 //! restarted: a control that failed once is not trusted again by itself.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use serde::Serialize;
 
+use crate::forensic::cli::shell_word;
 use crate::forensic::cli::{self as log_cli, VerifyLogArgs};
 use crate::forensic::verify::{self, verify_all};
 use crate::metrics::cli::{self as metrics_cli, Snapshot};
 use crate::metrics::encode::format_f64;
 use crate::metrics::per_process::{self, Target};
-use crate::printable;
+use crate::{printable, printable_path};
 
 /// Exit code: the process may keep serving.
 pub const EXIT_ADMIT: i32 = 0;
@@ -113,7 +114,8 @@ pub struct GateArgs {
     #[arg(long)]
     pub strict_anomalies: bool,
     /// Print the verdict as JSON on stdout; when none can be made (exit 2), an object whose
-    /// `verdict` is `error`, with the `error`.
+    /// `verdict` is `error`, with the `error`. A path that is not UTF-8 is null there, and
+    /// given as a shell word in `*_shell`.
     #[arg(long)]
     pub json: bool,
 }
@@ -127,7 +129,11 @@ pub struct Verdict {
     pub reasons: Vec<String>,
     /// What an operator should look at, without evicting.
     pub notes: Vec<String>,
-    pub metrics_file: String,
+    /// The snapshot judged; null when its path is not UTF-8 (see `metrics_file_shell`).
+    #[serde(serialize_with = "crate::report_out::path_or_null")]
+    pub metrics_file: PathBuf,
+    /// The same path as one shell word, whatever its bytes.
+    pub metrics_file_shell: String,
     pub snapshot_age_seconds: f64,
     pub max_age_seconds: u64,
     /// The log directory verified, and the chains and records found, when --log-dir was given.
@@ -137,7 +143,10 @@ pub struct Verdict {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct LogSummary {
-    pub dir: String,
+    /// Null when the path is not UTF-8 (see `dir_shell`).
+    #[serde(serialize_with = "crate::report_out::path_or_null")]
+    pub dir: PathBuf,
+    pub dir_shell: String,
     pub chains: usize,
     pub records: u64,
     pub verified: bool,
@@ -154,10 +163,10 @@ const SHUT_DOWN: &str = "kvh_shut_down";
 
 /// Judges a snapshot (and a log report) as of `now`. Pure: everything it needs is passed in.
 pub fn judge(
-    file: &str,
+    file: &Path,
     snap: &Snapshot,
     args: &GateArgs,
-    log: Option<(&str, &verify::Report)>,
+    log: Option<(&Path, &verify::Report)>,
     now: SystemTime,
 ) -> Verdict {
     let age = snap.age_seconds(now);
@@ -314,7 +323,8 @@ pub fn judge(
             reasons.push(format!("the forensic log does not verify: {e}"));
         }
         LogSummary {
-            dir: dir.to_string(),
+            dir: dir.to_path_buf(),
+            dir_shell: shell_word(dir),
             chains: report.chains.len(),
             records: report.chains.iter().map(|c| c.records).sum(),
             verified: report.ok(),
@@ -324,7 +334,8 @@ pub fn judge(
         verdict: if reasons.is_empty() { "admit" } else { "evict" },
         reasons,
         notes,
-        metrics_file: file.to_string(),
+        metrics_file: file.to_path_buf(),
+        metrics_file_shell: shell_word(file),
         snapshot_age_seconds: (age * 1000.0).round() / 1000.0,
         max_age_seconds: args.max_age,
         log,
@@ -462,9 +473,9 @@ fn target_of(args: &GateArgs) -> Result<Target, String> {
 }
 
 /// The forensic log's report when `--log-dir` was given.
-fn log_report(args: &GateArgs) -> Result<Option<(String, verify::Report)>, String> {
+fn log_report(args: &GateArgs) -> Result<Option<(&Path, verify::Report)>, String> {
     match &args.log_dir {
-        Some(dir) => Ok(Some((dir.display().to_string(), verify_log(dir, args)?))),
+        Some(dir) => Ok(Some((dir.as_path(), verify_log(dir, args)?))),
         None => Ok(None),
     }
 }
@@ -480,10 +491,10 @@ fn gate_one(args: &GateArgs, file: &std::path::Path) -> Result<i32, String> {
         None => snap,
     };
     let verdict = judge(
-        &file.display().to_string(),
+        file,
         &snap,
         args,
-        log.as_ref().map(|(d, r)| (d.as_str(), r)),
+        log.as_ref().map(|(d, r)| (*d, r)),
         SystemTime::now(),
     );
     let mut out = std::io::stdout().lock();
@@ -507,7 +518,10 @@ fn gate_one(args: &GateArgs, file: &std::path::Path) -> Result<i32, String> {
 pub struct ProcessesVerdict {
     /// `admit` when every live process is admitted, else `evict`.
     pub verdict: &'static str,
-    pub pattern: String,
+    /// Null when the path is not UTF-8 (see `pattern_shell`).
+    #[serde(serialize_with = "crate::report_out::path_or_null")]
+    pub pattern: PathBuf,
+    pub pattern_shell: String,
     pub processes: Vec<ProcessVerdict>,
     /// Files of processes that are gone (not judged).
     pub gone: Vec<per_process::GoneFile>,
@@ -535,10 +549,10 @@ fn gate_per_process(args: &GateArgs, pattern: &std::path::Path) -> Result<i32, S
         metrics_cli::load_of_process,
         |file, snap| {
             judge(
-                &file.display().to_string(),
+                file,
                 snap,
                 args,
-                log.as_ref().map(|(d, r)| (d.as_str(), r)),
+                log.as_ref().map(|(d, r)| (*d, r)),
                 SystemTime::now(),
             )
         },
@@ -555,7 +569,8 @@ fn gate_per_process(args: &GateArgs, pattern: &std::path::Path) -> Result<i32, S
         } else {
             "evict"
         },
-        pattern: pattern.display().to_string(),
+        pattern: pattern.to_path_buf(),
+        pattern_shell: shell_word(pattern),
         processes,
         gone: judged.gone,
     };
@@ -587,7 +602,7 @@ fn write_processes_text(out: &mut impl Write, all: &ProcessesVerdict) -> std::io
         all.verdict.to_uppercase(),
         evicted,
         all.processes.len(),
-        printable(&all.pattern)
+        printable_path(&all.pattern)
     )?;
     for p in &all.processes {
         write!(out, "process {}: ", p.pid)?;
@@ -598,7 +613,7 @@ fn write_processes_text(out: &mut impl Write, all: &ProcessesVerdict) -> std::io
             out,
             "note: process {} is gone; its file {} is not judged (remove it)",
             g.pid,
-            printable(&g.file)
+            printable_path(&g.file)
         )?;
     }
     Ok(())
@@ -675,7 +690,7 @@ fn write_text(out: &mut impl Write, v: &Verdict) -> std::io::Result<()> {
         writeln!(
             out,
             "ADMIT: {} ({:.1} s old) shows the hygiene control working",
-            printable(&v.metrics_file),
+            printable_path(&v.metrics_file),
             v.snapshot_age_seconds
         )?;
     } else {
@@ -688,7 +703,7 @@ fn write_text(out: &mut impl Write, v: &Verdict) -> std::io::Result<()> {
         writeln!(
             out,
             "forensic log {}: {} chains, {} records, {}",
-            printable(&log.dir),
+            printable_path(&log.dir),
             log.chains,
             log.records,
             if log.verified {

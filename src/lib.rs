@@ -237,6 +237,12 @@ pub(crate) fn printable(text: &str) -> String {
         .collect()
 }
 
+/// A path for a report on a terminal: [`printable`] of its text, with bytes that are not
+/// UTF-8 shown as U+FFFD (the `--json` reports give such a path as a shell word beside it).
+pub(crate) fn printable_path(path: &std::path::Path) -> String {
+    printable(&path.to_string_lossy())
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Read;

@@ -12,6 +12,7 @@
 
 use std::fmt;
 use std::io::{self, Write};
+use std::path::Path;
 
 /// Lines of a report on stdout; the first write error is kept for [`ReportOut::finish`].
 #[derive(Debug, Default)]
@@ -101,4 +102,12 @@ pub fn reader_may_leave(written: io::Result<()>) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         other => other,
     }
+}
+
+/// A path in a `--json` report: its text when it is UTF-8, else null. Text with U+FFFD for
+/// the bytes that are not UTF-8 would name another file, one a script would then fail to
+/// open (or open in its place); each such field has a `*_shell` field beside it that names
+/// the path whatever its bytes, as one shell word (`kvh demo --json` does the same).
+pub fn path_or_null<S: serde::Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(&path.to_str(), s)
 }

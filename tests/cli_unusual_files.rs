@@ -515,3 +515,81 @@ fn verify_log_json_names_a_planted_checkpoint_as_it_is_named() {
         "no error names {name:?} as it is named: {errors:?}"
     );
 }
+
+/// The `--json` reports of `gate`, `metrics` and `evidence` give a path whose bytes are not
+/// UTF-8 as null, with the shell word that names it beside it (`*_shell`), as `demo --json`
+/// does: text with U+FFFD in place of those bytes would name another file, one a script
+/// reading the report would fail to open. Each such field is checked once, on its own path:
+/// the snapshot file, the per-process pattern and a gone process's file, the log directory.
+/// (`kvh config --file` refuses such a path: KVH_CONFIG could not name it.)
+#[test]
+fn json_reports_give_a_path_that_is_not_utf8_as_null_and_a_shell_word() {
+    use kvhygiene::metrics::{encode, ExporterStats};
+    use kvhygiene::stats::PoolCounters;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(std::ffi::OsStr::from_bytes(b"d\xff"));
+    std::fs::create_dir(&dir).unwrap();
+    let snapshot = |path: &Path| {
+        let text = encode(
+            &cli_common::runtime_stats(PoolCounters::default()),
+            &ExporterStats::default(),
+            std::time::SystemTime::now(),
+        );
+        std::fs::write(path, text).unwrap();
+    };
+    let file = dir.join("kvh.prom");
+    snapshot(&file);
+    let pattern = dir.join("kvh-{pid}.prom");
+    snapshot(&dir.join(format!("kvh-{}.prom", std::process::id())));
+    // A process that ended (waited for), whose file is left behind.
+    let mut ended = Command::new("true").spawn().unwrap();
+    let gone = ended.id();
+    ended.wait().unwrap();
+    let gone_file = dir.join(format!("kvh-{gone}.prom"));
+    snapshot(&gone_file);
+    let logs = dir.join("log");
+    write_log(&cfg(&logs, 1 << 20), 3, false);
+
+    let json = |args: &mut Command| {
+        let out = args.output().unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(!text.contains('\u{fffd}'), "a lossy path in: {text}");
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}): {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        value
+    };
+    let expect = |report: &serde_json::Value, field: &str, path: &Path| {
+        assert!(report[field].is_null(), "{field} is not null: {report}");
+        let word = kvhygiene::forensic::cli::shell_word(path);
+        assert_eq!(report[format!("{field}_shell")], word, "{report}");
+    };
+
+    let metrics = json(kvh().args(["metrics", "--json", "--file"]).arg(&file));
+    expect(&metrics, "file", &file);
+    let gate = json(
+        kvh()
+            .args(["gate", "--json", "--metrics-file"])
+            .arg(&file)
+            .arg("--log-dir")
+            .arg(&logs),
+    );
+    expect(&gate, "metrics_file", &file);
+    expect(&gate["log"], "dir", &logs);
+    let per_process = json(kvh().args(["metrics", "--json", "--file"]).arg(&pattern));
+    expect(&per_process, "pattern", &pattern);
+    assert_eq!(per_process["gone"][0]["pid"], gone, "{per_process}");
+    expect(&per_process["gone"][0], "file", &gone_file);
+    let gate_per_process = json(
+        kvh()
+            .args(["gate", "--json", "--metrics-file"])
+            .arg(&pattern),
+    );
+    expect(&gate_per_process, "pattern", &pattern);
+    expect(&gate_per_process["gone"][0], "file", &gone_file);
+    let evidence = json(kvh().args(["evidence", "--json"]).arg(&logs));
+    expect(&evidence, "log_dir", &logs);
+}

@@ -158,7 +158,11 @@ const EXCEPTION_KINDS: &[&str] = &[
 /// The report.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Evidence {
-    pub log_dir: String,
+    /// Null when the path is not UTF-8 (see `log_dir_shell`).
+    #[serde(serialize_with = "crate::report_out::path_or_null")]
+    pub log_dir: std::path::PathBuf,
+    /// The same path as one shell word, whatever its bytes.
+    pub log_dir_shell: String,
     pub generated_at: String,
     pub generator: String,
     pub integrity: Integrity,
@@ -556,7 +560,8 @@ fn collect_once(
     // audit period ends.
     let now = unix_nanos(std::time::SystemTime::now());
     let mut ev = Evidence {
-        log_dir: dir.display().to_string(),
+        log_dir: dir.to_path_buf(),
+        log_dir_shell: super::cli::shell_word(dir),
         generated_at: rfc3339(now),
         generator: format!("kvh {}", env!("CARGO_PKG_VERSION")),
         integrity: integrity(&report),
@@ -2065,7 +2070,7 @@ pub fn render(ev: &Evidence) -> String {
     push(String::new());
     push(format!(
         "Forensic log {}, report generated {} by {}.",
-        cell(&ev.log_dir),
+        cell(&ev.log_dir.to_string_lossy()),
         ev.generated_at,
         ev.generator
     ));

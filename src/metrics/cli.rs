@@ -1,7 +1,8 @@
 //! The `metrics` and `serve-metrics` verbs. The binary only parses and dispatches; the logic
 //! is here so that it is tested as a library.
 
-use crate::printable;
+use crate::forensic::cli::shell_word;
+use crate::{printable, printable_path};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -106,7 +107,8 @@ pub struct MetricsArgs {
     #[arg(long)]
     pub fail_on_security: bool,
     /// Print a JSON summary on stdout instead of the samples and verdict; when the file
-    /// cannot be checked (exit 2), an object with `ok` false and the `error`.
+    /// cannot be checked (exit 2), an object with `ok` false and the `error`. A path that is
+    /// not UTF-8 is null there, and given as a shell word in `*_shell`.
     #[arg(long)]
     pub json: bool,
 }
@@ -289,7 +291,11 @@ pub fn load_at(path: &Path, now: SystemTime) -> Result<Snapshot, String> {
 /// The JSON summary of `kvh metrics --json`.
 #[derive(Debug, Serialize)]
 pub struct Report {
-    pub file: String,
+    /// The snapshot read; null when its path is not UTF-8 (see `file_shell`).
+    #[serde(serialize_with = "crate::report_out::path_or_null")]
+    pub file: PathBuf,
+    /// The same path as one shell word, whatever its bytes.
+    pub file_shell: String,
     pub taken_at: String,
     pub timestamp: f64,
     pub age_seconds: f64,
@@ -385,7 +391,8 @@ pub fn report(file: &Path, snap: &Snapshot, args: &MetricsArgs, now: SystemTime)
     let failed_security = args.fail_on_security && !failures.is_empty();
     let ok = !stale && !failed_security;
     Report {
-        file: file.display().to_string(),
+        file: file.to_path_buf(),
+        file_shell: shell_word(file),
         // Milliseconds, as the snapshot gives them: nanoseconds of the float would show noise.
         taken_at: rfc3339(
             ((snap.timestamp.max(0.0) * 1e3).round() as u64).saturating_mul(1_000_000),
@@ -472,7 +479,10 @@ fn metrics_one(args: &MetricsArgs, file: &Path) -> Result<i32, String> {
 /// The report on every live process of a per-process pattern (`--json`).
 #[derive(Debug, Serialize)]
 pub struct ProcessesReport {
-    pub pattern: String,
+    /// Null when the path is not UTF-8 (see `pattern_shell`).
+    #[serde(serialize_with = "crate::report_out::path_or_null")]
+    pub pattern: PathBuf,
+    pub pattern_shell: String,
     /// Every live process's report is ok.
     pub ok: bool,
     pub processes: Vec<ProcessReport>,
@@ -509,7 +519,8 @@ fn metrics_per_process(args: &MetricsArgs, pattern: &Path) -> Result<i32, String
         .map(|(pid, snap, report)| (snap, ProcessReport { pid, report }))
         .unzip();
     let all = ProcessesReport {
-        pattern: pattern.display().to_string(),
+        pattern: pattern.to_path_buf(),
+        pattern_shell: shell_word(pattern),
         ok: processes.iter().all(|p| p.report.ok),
         processes,
         gone: judged.gone,
@@ -546,7 +557,7 @@ fn write_processes_text(
             out,
             "note: process {} is gone; its file {} is not checked (remove it)",
             g.pid,
-            printable(&g.file)
+            printable_path(&g.file)
         )?;
     }
     let failed = all.processes.iter().filter(|p| !p.report.ok).count();
@@ -559,7 +570,7 @@ fn write_processes_text(
             out,
             "OK: {} processes of {}{}",
             all.processes.len(),
-            printable(&all.pattern),
+            printable_path(&all.pattern),
             if listed { UNCHECKED_FAILURES } else { "" }
         )
     } else {
@@ -567,7 +578,7 @@ fn write_processes_text(
             out,
             "FAILED: {failed} of {} processes of {}",
             all.processes.len(),
-            printable(&all.pattern)
+            printable_path(&all.pattern)
         )
     }
 }
@@ -585,7 +596,7 @@ fn write_text(out: &mut impl Write, snap: &Snapshot, r: &Report) -> std::io::Res
     writeln!(
         out,
         "snapshot {}: taken {} ({:.1} s ago{}), kvhygiene {}, backend {}",
-        printable(&r.file),
+        printable_path(&r.file),
         r.taken_at,
         r.age_seconds,
         // Without a limit an old snapshot passes: say so, or OK reads as "fresh".

@@ -115,14 +115,18 @@ pub fn none_live(pattern: &Path, gone: usize, reused: usize) -> String {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct GoneFile {
     pub pid: u32,
-    pub file: String,
+    /// Null when the path is not UTF-8 (see `file_shell`).
+    #[serde(serialize_with = "crate::report_out::path_or_null")]
+    pub file: PathBuf,
+    pub file_shell: String,
 }
 
 impl GoneFile {
     fn of((pid, file): (u32, PathBuf)) -> Self {
         GoneFile {
             pid,
-            file: file.display().to_string(),
+            file_shell: crate::forensic::cli::shell_word(&file),
+            file,
         }
     }
 }
