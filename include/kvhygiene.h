@@ -3,6 +3,8 @@
  *
  * PyTorch: CUDAPluggableAllocator("libkvhygiene.so", "kvh_malloc", "kvh_free").
  * Result codes: KVH_OK (0) or KVH_ERR_* (7000..7999); see kvh_strerror.
+ * Needs C99 or C++11, or later: it has // comments and <stdint.h> types, and in C++ the
+ * result codes are a typed enum.
  */
 
 #ifndef KVHYGIENE_H

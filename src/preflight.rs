@@ -153,7 +153,7 @@ fn preload_check(value: Option<&std::ffi::OsStr>) -> Option<Check> {
         PreloadSwitch::Refuse => check(
             PRELOAD_ENV,
             Status::Fail,
-            format!("{shown}: expected on or off; the LD_PRELOAD interposers would fail every CUDA allocation"),
+            format!("{shown}: expected on or off (or true/false, yes/no, 1/0); the LD_PRELOAD interposers would fail every CUDA allocation"),
         ),
     })
 }

@@ -185,3 +185,32 @@ fn the_header_compiles_as_cpp() {
     };
     assert_success("compiling include/kvhygiene.h as C++17", &out);
 }
+
+/// The oldest standards the header's own comment names, C99 and C++11, take it without a
+/// warning under `-pedantic` (older ones do not: it has `//` comments, and in C++ a typed
+/// enum). A change that needs a newer standard fails here and must say so in that comment.
+#[test]
+fn the_header_compiles_under_the_oldest_standards_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    for (env, default, standard, name) in [
+        ("CC", "cc", "-std=c99", "header.c"),
+        ("CXX", "c++", "-std=c++11", "header.cpp"),
+    ] {
+        let src = dir.path().join(name);
+        std::fs::write(&src, "#include \"kvhygiene.h\"\n").unwrap();
+        let Some(out) = compile(
+            Command::new(compiler(env, default))
+                .args([standard, "-Wall", "-Wextra", "-pedantic", "-Werror"])
+                .arg("-fsyntax-only")
+                .arg("-I")
+                .arg(root().join("include"))
+                .arg(&src),
+        ) else {
+            return;
+        };
+        assert_success(
+            &format!("compiling include/kvhygiene.h as {standard}"),
+            &out,
+        );
+    }
+}

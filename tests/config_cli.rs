@@ -221,15 +221,31 @@ fn file_alone_ignores_the_environment_and_names_its_errors() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("batch_size") && err.contains(f), "{err}");
 
+    // A file the TOML reader refuses, and one that is not there, are named as given: no
+    // KVH_CONFIG was set to send the reader to.
     std::fs::write(&file, "kv_gate = enforce\n").unwrap();
     let (code, _, err) = run(&mut config(&["--file", f]));
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("line 1"), "{err}");
+    assert!(err.contains("line 1") && err.contains(f), "{err}");
+    assert!(!err.contains("KVH_CONFIG"), "{err}");
 
     let missing = dir.path().join("missing.toml");
     let (code, _, err) = run(&mut config(&["--file", missing.to_str().unwrap()]));
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("missing.toml"), "{err}");
+    assert!(!err.contains("KVH_CONFIG"), "{err}");
+
+    // With a log directory, a secret of this environment the library would refuse (too
+    // short) is not the file's: the file passes alone as it would anywhere.
+    let logs = dir.path().join("logs");
+    std::fs::write(&file, format!("log_dir = {:?}\n", logs.to_str().unwrap())).unwrap();
+    let (code, out, err) = run(config(&["--file", f]).env("FORENSIC_HMAC_SECRET", "x"));
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, err) = run(config(&[])
+        .env("KVH_CONFIG", &file)
+        .env("FORENSIC_HMAC_SECRET", "x"));
+    assert_eq!(code, 2, "the environment's own check: {err}");
+    assert!(err.contains("FORENSIC_HMAC_SECRET"), "{err}");
 }
 
 #[test]
@@ -285,8 +301,32 @@ fn kvh_preload_is_judged_as_the_interposers_read_it() {
         .envs(HARDENED.iter().copied())
         .env("KVH_PRELOAD", "on"));
     assert_eq!(code, 0, "{out}{err}");
+    // Read as every other switch: the other spellings of on and off are those switches.
+    for (spelling, read) in [
+        ("1", "on"),
+        ("Yes", "on"),
+        ("true", "on"),
+        ("0", "off"),
+        ("no", "off"),
+        (" FALSE ", "off"),
+    ] {
+        let (code, out, err) = run(config(&["--strict"])
+            .envs(HARDENED.iter().copied())
+            .env("KVH_PRELOAD", spelling));
+        assert_eq!(
+            code,
+            if read == "on" { 0 } else { 1 },
+            "{spelling:?}: {out}{err}"
+        );
+        let shown = if read == "on" {
+            "KVH_PRELOAD: on"
+        } else {
+            "KVH_PRELOAD = off:"
+        };
+        assert!(out.contains(shown), "{spelling:?}: {out}");
+    }
     // A value the interposers refuse (they would fail every allocation) is an invalid policy.
-    for bad in ["of", "", "yes"] {
+    for bad in ["of", "", "enabled", "/usr/lib/libkvhygiene_preload.so"] {
         let (code, out, err) = run(config(&[]).env("KVH_PRELOAD", bad));
         assert_eq!(code, 2, "{bad:?}: {out}{err}");
         assert!(err.contains("KVH_PRELOAD"), "{err}");
@@ -983,4 +1023,27 @@ fn the_text_report_says_when_the_environment_secret_seals_the_log() {
     assert!(out.contains("hmac_key_file, set too, is not read"), "{out}");
     let (_, out, _) = run(&mut config(&[]));
     assert!(!out.contains("FORENSIC_HMAC_SECRET: set"), "{out}");
+}
+
+/// A float TOML cannot read (`1e400`, beyond its 64-bit floats; `1e`) is refused naming the
+/// key and what it accepts, as an integer beyond TOML's is, but with no suggested string: the
+/// digits before the exponent are not the number written.
+#[test]
+fn a_float_toml_cannot_read_is_refused_naming_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    for line in [
+        "anomaly_z = 1e400",
+        "\"anomaly_z\" = 1e",
+        "anomaly_z = 2.5e",
+    ] {
+        std::fs::write(&file, format!("{line}\n")).unwrap();
+        let (code, _, err) = run(&mut config(&["--file", file.to_str().unwrap()]));
+        assert_eq!(code, 2, "{line}: {err}");
+        assert!(
+            err.contains("anomaly_z accepts a number in [1, 100]"),
+            "{line}: {err}"
+        );
+        assert!(!err.contains("as a string"), "{line}: {err}");
+    }
 }

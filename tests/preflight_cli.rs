@@ -653,13 +653,13 @@ fn a_metrics_file_that_cannot_be_named_is_not_ready() {
 #[test]
 fn a_preload_switch_the_interposers_refuse_is_not_ready() {
     let mut env = Env::new();
-    env.set("KVH_PRELOAD", "yes");
+    env.set("KVH_PRELOAD", "/usr/lib/libkvhygiene_preload.so");
     let (code, _, err) = run(&mut env.command(&["config"]));
     assert_eq!(code, 2, "{err}");
     let (code, out, err) = run(&mut env.command(&["preflight", "--skip-backend"]));
     assert_ne!(
         code, 0,
-        "preflight reported ready with KVH_PRELOAD=yes:\n{out}{err}"
+        "preflight reported ready with KVH_PRELOAD set to a path:\n{out}{err}"
     );
 }
 

@@ -107,8 +107,8 @@ fn notice(mode: Mode, raw: Option<String>) {
              unchanged and freed memory is not scrubbed"
         ),
         Mode::Refuse => format!(
-            "kvhygiene-preload {VERSION}: KVH_PRELOAD={:?} is invalid (accepted: on, off); CUDA \
-             allocations fail with cudaErrorInitializationError",
+            "kvhygiene-preload {VERSION}: KVH_PRELOAD={:?} is invalid (accepted: on, off, or \
+             another switch spelling: true/false, yes/no, 1/0); CUDA allocations fail with cudaErrorInitializationError",
             raw.unwrap_or_default()
         ),
     };
@@ -154,7 +154,14 @@ mod tests {
         assert_eq!(parse_str("Off"), Mode::Forward);
         assert_eq!(parse_str(""), Mode::Refuse);
         assert_eq!(parse_str("of"), Mode::Refuse);
-        assert_eq!(parse_str("0"), Mode::Refuse);
+        assert_eq!(parse_str("/usr/lib/libkvhygiene_preload.so"), Mode::Refuse);
+        // The other spellings of a switch, as every other switch reads them.
+        for on in ["1", "true", "Yes"] {
+            assert_eq!(parse_str(on), Mode::Serve, "{on}");
+        }
+        for off in ["0", "FALSE", " no "] {
+            assert_eq!(parse_str(off), Mode::Forward, "{off}");
+        }
         // Set but not UTF-8.
         assert_eq!(parse(Some(OsStr::from_bytes(b"o\xffn"))), Mode::Refuse);
     }

@@ -155,20 +155,74 @@ fn lookup_driver(name: &CStr) -> Option<*mut c_void> {
 /// and the cached address must not then point into unmapped memory. `false` when the object
 /// cannot be named or is no longer loaded (it was closed meanwhile): the address is not used.
 fn keep_loaded(addr: *mut c_void) -> bool {
-    // SAFETY: `Dl_info` is plain data (pointers and integers): all zeroes is a valid value.
-    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
-    // SAFETY: `info` is writable for the call; dladdr only reads the loader's tables.
-    if unsafe { libc::dladdr(addr, &mut info) } == 0 || info.dli_fname.is_null() {
+    let Some(path) = object_name_holding(addr) else {
         return false;
-    }
-    // SAFETY: a non-null `dli_fname` is a NUL-terminated string owned by the loader, valid
-    // while the object is loaded; it is copied at once.
-    let path = unsafe { CStr::from_ptr(info.dli_fname) }.to_owned();
+    };
     if path.is_empty() {
         // The main program: never unloaded.
         return true;
     }
     loaded(&path).is_some()
+}
+
+/// The path of the loaded object one of whose loaded segments holds `addr` (empty for the
+/// main program), or `None` when no loaded object holds it.
+///
+/// Not `dladdr`: it hands back the loader's own copy of the name after releasing the
+/// loader's lock, so a `dlclose` of the object on another thread (the race [`keep_loaded`]
+/// exists for) could free the name while it is read. `dl_iterate_phdr` runs its callback
+/// under that lock, where the name is copied.
+fn object_name_holding(addr: *const c_void) -> Option<CString> {
+    struct Search {
+        addr: usize,
+        found: Option<CString>,
+    }
+    /// Stops at the object whose `PT_LOAD` segments hold `search.addr`, keeping its name.
+    ///
+    /// # Safety
+    /// 1. `info` points to a valid `dl_phdr_info` for the duration of the call, whose
+    ///    `dlpi_phdr` points to `dlpi_phnum` program headers (the loader's contract), and
+    ///    `data` is the `&mut Search` passed to `dl_iterate_phdr` below.
+    unsafe extern "C" fn holds(
+        info: *mut libc::dl_phdr_info,
+        _size: usize,
+        data: *mut c_void,
+    ) -> c_int {
+        // SAFETY: by (1).
+        let (info, search) = unsafe { (&*info, &mut *data.cast::<Search>()) };
+        let headers = if info.dlpi_phdr.is_null() {
+            &[][..]
+        } else {
+            // SAFETY: by (1): `dlpi_phnum` headers at `dlpi_phdr`, alive during the callback.
+            unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) }
+        };
+        let inside = headers.iter().any(|h| {
+            // Segment addresses are the object's load bias plus the header's virtual address;
+            // the subtraction wraps below the segment's start, which then tests as outside.
+            let start = (info.dlpi_addr as usize).wrapping_add(h.p_vaddr as usize);
+            h.p_type == libc::PT_LOAD && search.addr.wrapping_sub(start) < h.p_memsz as usize
+        });
+        if !inside {
+            return 0;
+        }
+        search.found = Some(if info.dlpi_name.is_null() {
+            CString::default()
+        } else {
+            // SAFETY: a non-null `dlpi_name` is a NUL-terminated string owned by the loader,
+            // valid during the callback (the loader's lock is held); copied before it returns.
+            unsafe { CStr::from_ptr(info.dlpi_name) }.to_owned()
+        });
+        1
+    }
+    let mut search = Search {
+        addr: addr as usize,
+        found: None,
+    };
+    // SAFETY: `holds` keeps the callback contract (it reads `info`, writes `search`, and does
+    // not call into the loader, which holds its lock meanwhile); `data` is `&mut search`,
+    // alive for the whole call.
+    unsafe { libc::dl_iterate_phdr(Some(holds), (&mut search as *mut Search).cast()) };
+    search.found
 }
 
 /// A handle to the already-loaded object `name`, or `None` when it is not loaded.
@@ -455,4 +509,30 @@ pub(crate) unsafe fn cuGetProcAddress_v2(
     };
     // SAFETY: the arguments meet the function's contract, by (1).
     unsafe { f(symbol, pfn, cuda_version, flags, symbol_status) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The object holding an address is named as the loader names it: the C library for
+    /// `malloc`, the main program (an empty name) for a function of this test program, and
+    /// none for an address no object holds.
+    #[test]
+    fn the_object_holding_an_address_is_named_as_the_loader_names_it() {
+        let malloc = object_name_holding(libc::malloc as *const c_void);
+        assert!(
+            malloc
+                .as_ref()
+                .is_some_and(|n| n.to_string_lossy().contains("libc.so")),
+            "{malloc:?}"
+        );
+        let own = the_object_holding_an_address_is_named_as_the_loader_names_it as *const c_void;
+        assert_eq!(object_name_holding(own), Some(CString::default()));
+        assert_eq!(object_name_holding(std::ptr::null()), None);
+        // The main program is never unloaded; the C library stays loaded.
+        assert!(keep_loaded(own.cast_mut()));
+        assert!(keep_loaded((libc::malloc as *const c_void).cast_mut()));
+        assert!(!keep_loaded(std::ptr::null_mut()));
+    }
 }

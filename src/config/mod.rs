@@ -687,15 +687,17 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
     } else {
         message
     };
-    let hint = beyond_toml_integers(text, span.start, &message).unwrap_or_default();
+    let hint = number_hint(text, span.start, &message).unwrap_or_default();
     format!("line {line}, column {column}: {message}{hint}")
 }
 
-/// For a number TOML cannot hold (beyond its 64-bit integers), given at byte `at` of `text` to
-/// a known key (bare or quoted): the key, what it accepts, and, for a number above them, how
-/// to write it (as a string of its decimal value, which every key takes).
-fn beyond_toml_integers(text: &str, at: usize, message: &str) -> Option<String> {
-    if !message.contains("to fit in target type") {
+/// For a number TOML cannot hold (beyond its 64-bit integers, or a float it cannot read, as
+/// `1e400`), given at byte `at` of `text` to a known key (bare or quoted): the key, what it
+/// accepts, and, for an integer above them, how to write it (as a string of its decimal
+/// value, which every key takes).
+fn number_hint(text: &str, at: usize, message: &str) -> Option<String> {
+    let beyond_integers = message.contains("to fit in target type");
+    if !beyond_integers && !message.contains("invalid floating-point number") {
         return None;
     }
     let start = text.get(..at)?.rfind('\n').map_or(0, |i| i + 1);
@@ -719,7 +721,8 @@ fn beyond_toml_integers(text: &str, at: usize, message: &str) -> Option<String> 
     let accepts = format!("; {name} accepts {}", key.expected);
     // Suggested only when the key takes that value written as a string.
     let takes = |n: &u128| (key.set)(&mut Config::default(), &n.to_string()).is_some();
-    Some(match toml_integer(value).filter(takes) {
+    let integer = toml_integer(value).filter(|_| beyond_integers);
+    Some(match integer.filter(takes) {
         Some(n) => format!(
             "{accepts}: write a number beyond TOML's 64-bit integers as a string \
              ({name} = \"{n}\")"
@@ -750,9 +753,11 @@ fn toml_integer(value: &str) -> Option<u128> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PreloadSwitch {
-    /// Unset or `on`: kvhygiene serves device allocations.
+    /// Unset or `on` (or another spelling of a true switch): kvhygiene serves device
+    /// allocations.
     Serve,
-    /// `off`: every call goes to the real runtime unchanged (no scrub).
+    /// `off` (or another spelling of a false switch): every call goes to the real runtime
+    /// unchanged (no scrub).
     Forward,
     /// Any other value, or not UTF-8: allocations fail (fail closed).
     Refuse,
@@ -762,16 +767,18 @@ pub enum PreloadSwitch {
 pub const PRELOAD_ENV: &str = "KVH_PRELOAD";
 
 impl PreloadSwitch {
-    /// The switch for the variable's value (`None`: unset). `on` and `off`, any case,
-    /// surrounding blanks ignored.
+    /// The switch for the variable's value (`None`: unset), read as every switch is
+    /// (`on`/`off`, `true`/`false`, `yes`/`no`, `1`/`0`, any case), surrounding blanks
+    /// ignored. A manifest that spells it as its other switches must not find every CUDA
+    /// allocation failing; a value that is no switch (a path, `of`, empty) still does.
     pub fn parse(value: Option<&std::ffi::OsStr>) -> PreloadSwitch {
         let Some(v) = value else {
             return PreloadSwitch::Serve;
         };
-        match v.to_str().map(str::trim) {
-            Some(t) if t.eq_ignore_ascii_case("on") => PreloadSwitch::Serve,
-            Some(t) if t.eq_ignore_ascii_case("off") => PreloadSwitch::Forward,
-            _ => PreloadSwitch::Refuse,
+        match v.to_str().map(str::trim).and_then(parse_bool) {
+            Some(true) => PreloadSwitch::Serve,
+            Some(false) => PreloadSwitch::Forward,
+            None => PreloadSwitch::Refuse,
         }
     }
 }
@@ -882,7 +889,15 @@ impl Config {
                 expected: "the path of a TOML policy file",
             });
         }
-        Config::explain(&[("KVH_CONFIG".to_string(), name.to_string())])
+        // A file that cannot be read or parsed is named as given: `KVH_CONFIG=` would send
+        // its reader to look for a variable nobody set.
+        Config::explain(&[("KVH_CONFIG".to_string(), name.to_string())]).map_err(|e| match e {
+            ConfigError::File { message, .. } => ConfigError::File {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })
     }
 
     /// The policy and the names of the keys its file set.
