@@ -2732,8 +2732,8 @@ fn dry_run_agrees(s: &Setup, args: &[&str], code: i32) {
 }
 
 /// A dry run says what the real run would do: into an archive whose file system is too small
-/// for the copies, the real run stops when it is full (exit 2; what was not copied stays in
-/// the log, nothing is lost), and the dry run says so before, naming the space. An archive
+/// for the copies, the real run stops when it is full (exit 2; a chain not copied whole stays
+/// whole in the log, nothing is lost), and the dry run says so before, naming the space. An archive
 /// with room passes the dry run.
 #[test]
 fn a_dry_run_names_an_archive_too_small_for_the_copies() {

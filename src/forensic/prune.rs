@@ -661,15 +661,16 @@ fn archive_has_room(archive: &Path, copies: &[u64], marker: bool) -> Result<(), 
         return Err(format!(
             "{}: the copies need up to {needed} bytes ({files} files, {bytes} bytes of \
              records), but its file system has {have} bytes free; the real run would stop \
-             when it is full (what was not copied stays in the log)",
+             when it is full (a chain not copied whole stays whole in the log, the copies \
+             made kept in the archive for a rerun)",
             archive.display()
         ));
     }
     if let Some(have) = free.files.filter(|&have| new_files > have) {
         return Err(format!(
             "{}: the copies need {new_files} new files, but its file system can hold only \
-             {have} more; the real run would stop there (what was not copied stays in the \
-             log)",
+             {have} more; the real run would stop there (a chain not copied whole stays whole \
+             in the log, the copies made kept in the archive for a rerun)",
             archive.display()
         ));
     }
