@@ -631,6 +631,7 @@ impl ChainWriter {
         if rotation == Rotation::Allowed
             && projected > self.max_bytes
             && self.file_len + self.buf.len() as u64 > 0
+            && !self.backing_off()
         {
             self.sealing = Some((kind, sealed.line.len() as u64));
             let written = self.flush();
@@ -661,6 +662,16 @@ impl ChainWriter {
         self.buf_kinds.push(kind);
         self.seq += 1;
         self.prev = sealed.hash;
+    }
+
+    /// Whether writes keep failing and the next try is not due ([`WriteRetry`]). A record
+    /// that would rotate the file meanwhile is sealed into the buffer, in this file, and
+    /// written (or counted lost) with the round's batch: a write and a rotation tried for
+    /// each record (a file at its size limit on a full disk) would take the file system's
+    /// time per record, and a backlog at stop would outlast the stop's wait, leaving the
+    /// chain without its `lost` and `stop` records.
+    fn backing_off(&self) -> bool {
+        self.lost.is_some() && !self.write_retry.may_try(Instant::now())
     }
 
     /// The write before a rotation failed: the head went back to the last record on disk and
