@@ -1468,7 +1468,7 @@ fn the_signing_key_named_as_the_hmac_key_is_refused_by_the_writer_and_preflight(
 
 /// The signing key's seed as the HMAC secret, with no public half beside it to tell the key
 /// file apart: a copy of the key file named as the HMAC key, or `FORENSIC_HMAC_SECRET`
-/// holding the seed's hex.
+/// holding the seed's hex, each also in upper case.
 /// The writer refuses it (whoever checks the MACs could sign checkpoints), starting no chain,
 /// and so does `kvh preflight`.
 #[test]
@@ -1479,9 +1479,19 @@ fn one_key_as_both_the_hmac_secret_and_the_signing_key_is_refused() {
     std::fs::remove_file(root.join("a.pub")).unwrap();
     let seed = std::fs::read_to_string(root.join("a.key")).unwrap();
     std::fs::copy(root.join("a.key"), root.join("copy.key")).unwrap();
+    // The same key in upper case: `tr a-f A-F` leaves it the signing key.
+    let upper = seed.to_ascii_uppercase();
+    std::fs::write(root.join("upper.key"), &upper).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let private = std::fs::Permissions::from_mode(0o600);
+        std::fs::set_permissions(root.join("upper.key"), private).unwrap();
+    }
     for (var, value) in [
         ("KVH_HMAC_KEY_FILE", "copy.key"),
         ("FORENSIC_HMAC_SECRET", &seed),
+        ("KVH_HMAC_KEY_FILE", "upper.key"),
+        ("FORENSIC_HMAC_SECRET", &upper),
     ] {
         assert_secret_refused(root, var, value, "the HMAC secret is the signing key");
     }

@@ -11,7 +11,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde_json::{Map, Value};
 
 use super::files;
@@ -227,7 +227,10 @@ fn parse(text: &[u8], keys: &[VerifyingKey]) -> Result<Checkpoint, String> {
         }
         return Err("checkpoint was signed by another key than the pinned public key".into());
     };
-    key.verify(&body, &Signature::from_bytes(&sig_bytes))
+    // Strict: a key or a signature's R of small order is refused (with the identity pinned as
+    // the key, a signature of R = identity, s = 0 would verify over any content), as are
+    // non-canonical encodings; the writer's signatures are none of these.
+    key.verify_strict(&body, &Signature::from_bytes(&sig_bytes))
         .map_err(|_| "bad checkpoint signature".to_string())?;
     // Signed, so written by the key's holder; a version this verifier does not know may mean
     // other fields than it reads.
@@ -343,6 +346,34 @@ mod tests {
             key_id: None,
             public_key: None,
         }
+    }
+
+    /// A checkpoint naming as its signer a key of small order (the identity point) with a
+    /// signature of R = identity, s = 0, which such a key would accept over any content under
+    /// a lax verification, is refused even with that key pinned.
+    #[test]
+    fn a_signature_for_a_weak_key_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = super::super::keys::generate_signing_key().unwrap();
+        write(tmp.path(), &key, &at(5)).unwrap();
+        let path = path_for(tmp.path(), "p1-t2");
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let weak = VerifyingKey::from_bytes(&identity).unwrap();
+        assert!(weak.is_weak());
+        let mut forged = [0u8; 64];
+        forged[0] = 1;
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text = text
+            .replace(&hex(key.verifying_key().as_bytes()), &hex(&identity))
+            .split(",\"sig\":")
+            .next()
+            .unwrap()
+            .to_string()
+            + &format!(",\"sig\":\"{}\"}}\n", hex(&forged));
+        std::fs::write(&path, text).unwrap();
+        let e = read(&path, &[weak]).unwrap_err();
+        assert!(e.contains("bad checkpoint signature"), "{e}");
     }
 
     #[test]

@@ -94,38 +94,59 @@ impl EpochKey {
 
     /// Refuses a signing key that is this secret (epoch 0) written as text: one file named as
     /// both `KVH_HMAC_KEY_FILE` and `KVH_SIGNING_KEY_FILE` (or `FORENSIC_HMAC_SECRET` holding
-    /// the seed's hex). Every verifier of MACs holds the HMAC secret, and with it could sign
+    /// the seed's hex), in either case, or as its 32 bytes ([`as_key_material`]). Every verifier of MACs holds the HMAC secret, and with it could sign
     /// checkpoints, which exist to be trusted by those who cannot: one key, one use. Its
     /// public half (the `.pub`, copied under another name) is refused too: every verifier of
     /// checkpoints is given it, and could forge MACs.
     pub fn refuse_as_signing_key(&self, signer: &VerifyingKey) -> Result<(), ForensicError> {
-        let Some(seed) = std::str::from_utf8(self.key.as_bytes())
-            .ok()
-            .and_then(|text| super::record::parse_hash(text.trim_end()))
-        else {
-            return Ok(());
-        };
-        let seed = Zeroizing::new(seed);
-        if *seed == signer.to_bytes() {
-            return Err(ForensicError::Key(
-                "the HMAC secret is the signing key's public half (the .pub of \
-                 KVH_SIGNING_KEY_FILE): every verifier of checkpoints holds it, and could forge \
-                 the MACs; give the HMAC secret a key of its own \
-                 (`(umask 077; openssl rand -hex 32 > hmac.key)`)"
-                    .into(),
-            ));
+        for seed in as_key_material(self.key.as_bytes()) {
+            refuse_as_key_of(&seed, signer)?;
         }
-        if SigningKey::from_bytes(&seed).verifying_key() != *signer {
-            return Ok(());
-        }
-        Err(ForensicError::Key(
-            "the HMAC secret is the signing key (KVH_SIGNING_KEY_FILE's seed): whoever checks \
-             the MACs could then sign checkpoints; give the HMAC secret a key of its own \
+        Ok(())
+    }
+}
+
+/// [`EpochKey::refuse_as_signing_key`] for one reading of the secret as 32 bytes.
+fn refuse_as_key_of(seed: &[u8; 32], signer: &VerifyingKey) -> Result<(), ForensicError> {
+    if *seed == signer.to_bytes() {
+        return Err(ForensicError::Key(
+            "the HMAC secret is the signing key's public half (the .pub of \
+             KVH_SIGNING_KEY_FILE): every verifier of checkpoints holds it, and could forge \
+             the MACs; give the HMAC secret a key of its own \
              (`(umask 077; openssl rand -hex 32 > hmac.key)`)"
                 .into(),
-        ))
+        ));
     }
+    if SigningKey::from_bytes(seed).verifying_key() != *signer {
+        return Ok(());
+    }
+    Err(ForensicError::Key(
+        "the HMAC secret is the signing key (KVH_SIGNING_KEY_FILE's seed): whoever checks \
+         the MACs could then sign checkpoints; give the HMAC secret a key of its own \
+         (`(umask 077; openssl rand -hex 32 > hmac.key)`)"
+            .into(),
+    ))
+}
 
+/// The 32-byte values a secret may be another key written as: its text as 64 hex digits,
+/// of either case (`kvh keygen` writes lower case; `tr a-f A-F` of its file is the same
+/// key), with a trailing line break; and its bytes themselves when there are 32 (a raw seed
+/// or public key). Each is held zeroed on drop, as the secret is.
+fn as_key_material(secret: &[u8]) -> Vec<Zeroizing<[u8; 32]>> {
+    let mut found = Vec::new();
+    if let Ok(text) = std::str::from_utf8(secret) {
+        let lower = Zeroizing::new(text.trim_end().to_ascii_lowercase());
+        if let Some(bytes) = super::record::parse_hash(&lower) {
+            found.push(Zeroizing::new(bytes));
+        }
+    }
+    if let Ok(raw) = <[u8; 32]>::try_from(secret) {
+        found.push(Zeroizing::new(raw));
+    }
+    found
+}
+
+impl EpochKey {
     /// A copy, for trying a ratchet position without giving up the current key. Fails only
     /// when no memory can be mapped for it.
     pub(crate) fn clone_for_probe(&self) -> Result<Self, ForensicError> {
@@ -509,13 +530,23 @@ pub fn read_public_key(p: &Path) -> Result<VerifyingKey, ForensicError> {
             public.display()
         )));
     }
-    VerifyingKey::from_bytes(&bytes).map_err(|_| {
+    let key = VerifyingKey::from_bytes(&bytes).map_err(|_| {
         ForensicError::Key(format!(
             "{}: not an Ed25519 public key (its 64 hex digits are no point of the curve): an \
              HMAC secret, or kvh keygen's private key PREFIX.key, given for PREFIX.pub?",
             p.display()
         ))
-    })
+    })?;
+    // A point of small order is no one's key: signatures made for it by anyone, over anything,
+    // would verify against it (the checkpoints are also checked strictly).
+    if key.is_weak() {
+        return Err(ForensicError::Key(format!(
+            "{}: a weak Ed25519 public key (a point of small order), which anyone can sign \
+             for: not a key kvh keygen makes",
+            p.display()
+        )));
+    }
+    Ok(key)
 }
 
 /// Whether `p`, whose bytes are `secret`, is `kvh keygen`'s public key (`PREFIX.pub`: the 64
@@ -600,9 +631,9 @@ fn digits_beside(p: &Path) -> Option<(std::path::PathBuf, Result<PubDigits, Stri
 /// told from the files alone, a usage error first. (An HMAC secret of 64 hex digits named
 /// `*.key` passes: no `.pub` beside it holds its public half.)
 pub fn signing_key_as_secret(p: &Path, secret: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(secret).ok()?;
-    let seed = Zeroizing::new(super::record::parse_hash(text.trim_end())?);
-    let public = public_half_beside(p, &seed)?;
+    let public = as_key_material(secret)
+        .iter()
+        .find_map(|seed| public_half_beside(p, seed))?;
     Some(format!(
         "{}: kvh keygen's signing key (its public half {} is beside it), not an HMAC secret",
         p.display(),
@@ -657,6 +688,44 @@ pub fn generate_signing_key() -> Result<SigningKey, ForensicError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The signing key is refused as the HMAC secret however it is written: its seed or its
+    /// public half, as hex of either case (a line break after it or not), or as its 32 bytes.
+    /// Another secret passes.
+    #[test]
+    fn the_signing_key_is_refused_as_the_hmac_secret_in_every_spelling() {
+        let signer = SigningKey::from_bytes(&[7u8; 32]);
+        let public = signer.verifying_key();
+        let secret = |bytes: &[u8]| EpochKey::from_secret(Zeroizing::new(bytes.to_vec())).unwrap();
+        for half in [signer.to_bytes(), public.to_bytes()] {
+            let hex = super::super::record::hex(&half);
+            for spelling in [
+                hex.clone().into_bytes(),
+                format!("{hex}\n").into_bytes(),
+                hex.to_ascii_uppercase().into_bytes(),
+                format!("{}\r\n", hex.to_ascii_uppercase()).into_bytes(),
+                half.to_vec(),
+            ] {
+                let refused = secret(&spelling).refuse_as_signing_key(&public);
+                assert!(refused.is_err(), "{:?}", String::from_utf8_lossy(&spelling));
+            }
+        }
+        assert!(secret(&[9u8; 32]).refuse_as_signing_key(&public).is_ok());
+        assert!(secret("ab".repeat(32).as_bytes())
+            .refuse_as_signing_key(&public)
+            .is_ok());
+    }
+
+    /// A public key of small order (the identity point, which accepts forged signatures) is
+    /// refused as a public key to pin, naming the file.
+    #[test]
+    fn a_weak_public_key_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("weak.pub");
+        fs::write(&p, format!("01{}\n", "00".repeat(31))).unwrap();
+        let e = read_public_key(&p).unwrap_err().to_string();
+        assert!(e.contains("weak.pub") && e.contains("small order"), "{e}");
+    }
 
     #[test]
     fn a_public_key_file_is_refused_as_the_signing_key() {

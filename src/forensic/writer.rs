@@ -441,9 +441,17 @@ impl ChainWriter {
             stop = true;
         }
         if stop {
-            // Producers that raced with `stop` queued before it was seen: keep them.
+            // Producers that raced with `stop` queued before it was seen: keep them, written
+            // a batch at a time, as in a round (while writes back off, records that would
+            // rotate a full file join the batch: one batch, not the whole queue, goes past
+            // the file's size when the write succeeds).
+            let mut drained = 0;
             while let Ok(m) = rx.try_recv() {
                 *handled += self.handle(*m);
+                drained += 1;
+                if drained % BATCH == 0 {
+                    let _ = self.flush();
+                }
             }
             // Before the last summary and records are written: not into a file removed
             // within the last check's second (they are counted lost instead, or go into
@@ -666,10 +674,12 @@ impl ChainWriter {
 
     /// Whether writes keep failing and the next try is not due ([`WriteRetry`]). A record
     /// that would rotate the file meanwhile is sealed into the buffer, in this file, and
-    /// written (or counted lost) with the round's batch: a write and a rotation tried for
-    /// each record (a file at its size limit on a full disk) would take the file system's
-    /// time per record, and a backlog at stop would outlast the stop's wait, leaving the
-    /// chain without its `lost` and `stop` records.
+    /// written (or counted lost) with the round's batch (at most [`BATCH`] records past the
+    /// file's size, when that write succeeds): a write and a rotation tried for each record
+    /// (a file at its size limit on a full disk) would take the file system's time per
+    /// record, producers would wait on a full queue at that pace, and a backlog at stop
+    /// would outlast the stop's wait, leaving the chain without its `lost` and `stop`
+    /// records.
     fn backing_off(&self) -> bool {
         self.lost.is_some() && !self.write_retry.may_try(Instant::now())
     }
@@ -1970,6 +1980,8 @@ mod tests {
         small(&mut w, 2);
         assert!(w.flush().is_err());
         let good_len = w.file_len;
+        // The back-off's wait over: the next record rotates (rather than joining a batch).
+        w.write_retry = WriteRetry::new();
         small(&mut w, 3);
         w.flush().unwrap();
         w.finish();
