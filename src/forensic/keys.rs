@@ -94,8 +94,8 @@ impl EpochKey {
 
     /// Refuses a signing key that is this secret (epoch 0) written as text: one file named as
     /// both `KVH_HMAC_KEY_FILE` and `KVH_SIGNING_KEY_FILE` (or `FORENSIC_HMAC_SECRET` holding
-    /// the seed's hex), in either case, or as its 32 bytes ([`as_key_material`]). Every verifier of MACs holds the HMAC secret, and with it could sign
-    /// checkpoints, which exist to be trusted by those who cannot: one key, one use. Its
+    /// the seed's hex), in either case, or as its 32 bytes (`as_key_material`). Every
+    /// verifier of MACs holds the HMAC secret, and with it could sign checkpoints, which exist to be trusted by those who cannot: one key, one use. Its
     /// public half (the `.pub`, copied under another name) is refused too: every verifier of
     /// checkpoints is given it, and could forge MACs.
     pub fn refuse_as_signing_key(&self, signer: &VerifyingKey) -> Result<(), ForensicError> {
