@@ -951,6 +951,33 @@ fn a_chain_file_moved_away_and_replaced_while_recovery_takes_it_over_is_seen_as_
 #[path = "mounted/mod.rs"]
 mod mounted;
 
+/// A small tmpfs mounted on `root` (a directory in a temporary directory) for one test, with
+/// the log directory `dir` inside it. Fields drop in order: the file system is unmounted
+/// before the temporary directory under it is removed.
+struct SmallFs {
+    root: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    _mount: mounted::Mounted,
+    tmp: tempfile::TempDir,
+}
+
+impl SmallFs {
+    /// A tmpfs of `size` with mount `options` (`,nr_inodes=64`, ...); `None`, said on
+    /// stderr, where this process may not mount one (the test then skips).
+    fn mount(size: &str, options: &str) -> Option<SmallFs> {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("fs");
+        std::fs::create_dir(&root).unwrap();
+        let mount = mounted::Mounted::tmpfs(&root, size, options)?;
+        Some(SmallFs {
+            dir: root.join("log"),
+            root,
+            _mount: mount,
+            tmp,
+        })
+    }
+}
+
 /// After `log` stopped: the chain in `dir` verifies and is closed, every one of the
 /// `emitted` events (`quarantine` records) is in it or counted in a `lost` record's
 /// `lost_kinds`, and the `stop` record's `records_lost` is the log's. With `described`, the
@@ -1021,14 +1048,11 @@ fn small_files_cfg(
 /// chain or counted in a `lost` record's `lost_kinds`, whose totals, as the `stop` record's,
 /// are the log's `records_lost`.
 fn run_on_a_real_full_disk(signed: bool) {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("fs");
-    std::fs::create_dir(&root).unwrap();
-    let Some(_fs) = mounted::Mounted::tmpfs(&root, "256k", "") else {
+    let Some(fs) = SmallFs::mount("256k", "") else {
         return;
     };
-    let dir = root.join("log");
-    let (mut c, opts) = small_files_cfg(&tmp, &dir, signed);
+    let (root, dir) = (&fs.root, &fs.dir);
+    let (mut c, opts) = small_files_cfg(&fs.tmp, dir, signed);
     if signed {
         c.fsync = kvhygiene::config::FsyncPolicy::Always;
     }
@@ -1059,7 +1083,7 @@ fn run_on_a_real_full_disk(signed: bool) {
         log.flush();
     }
     log.stop();
-    every_event_accounted_for(&log, &dir, &opts, emitted, true);
+    every_event_accounted_for(&log, dir, &opts, emitted, true);
 }
 
 #[test]
@@ -1077,14 +1101,11 @@ fn a_real_full_disk_under_signed_checkpoints_loses_no_record_uncounted_and_verif
 /// lost, and once inodes are free again the chain goes on; it verifies, and every event is
 /// in it or counted in a `lost` record.
 fn run_with_rotations_refused(signed: bool) {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("fs");
-    std::fs::create_dir(&root).unwrap();
-    let Some(_fs) = mounted::Mounted::tmpfs(&root, "8m", ",nr_inodes=64") else {
+    let Some(fs) = SmallFs::mount("8m", ",nr_inodes=64") else {
         return;
     };
-    let dir = root.join("log");
-    let (c, opts) = small_files_cfg(&tmp, &dir, signed);
+    let (root, dir) = (&fs.root, &fs.dir);
+    let (c, opts) = small_files_cfg(&fs.tmp, dir, signed);
     let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
     // Use up every inode left.
     let mut fillers = Vec::new();
@@ -1115,7 +1136,7 @@ fn run_with_rotations_refused(signed: bool) {
         log.flush();
     }
     log.stop();
-    every_event_accounted_for(&log, &dir, &opts, emitted, false);
+    every_event_accounted_for(&log, dir, &opts, emitted, false);
 }
 
 #[test]
@@ -1137,14 +1158,11 @@ fn rotations_refused_for_want_of_inodes_under_signed_checkpoints_verify() {
 /// its 10 s with the chain open and thousands of records neither written nor counted.)
 #[test]
 fn a_backlog_at_stop_on_a_disk_the_log_filled_is_counted_and_the_chain_closed() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("fs");
-    std::fs::create_dir(&root).unwrap();
-    let Some(_fs) = mounted::Mounted::tmpfs(&root, "256k", "") else {
+    let Some(fs) = SmallFs::mount("256k", "") else {
         return;
     };
-    let dir = root.join("log");
-    let mut c = cfg(&dir, 8192);
+    let dir = &fs.dir;
+    let mut c = cfg(dir, 8192);
     c.queue_capacity = 65_536;
     let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
     let emitted = 40_000u64;
@@ -1154,5 +1172,5 @@ fn a_backlog_at_stop_on_a_disk_the_log_filled_is_counted_and_the_chain_closed() 
     log.stop();
     let s = log.stats();
     assert!(s.write_errors > 0, "the file system never filled: {s:?}");
-    every_event_accounted_for(&log, &dir, &keyed_opts(), emitted, true);
+    every_event_accounted_for(&log, dir, &keyed_opts(), emitted, true);
 }
