@@ -512,7 +512,7 @@ def test_dockerfile_runtime_stage():
 
 def test_dockerignore_keeps_build_outputs_out_of_the_context():
     patterns = {l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")}
-    for needed in ("target/", "gpu-artifacts/", ".tools/", ".git"):
+    for needed in ("target/", "gpu-artifacts/", "gpu-check-out/", ".tools/", ".git"):
         assert needed in patterns, f".dockerignore lacks {needed}"
 
 

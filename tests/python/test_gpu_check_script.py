@@ -991,3 +991,21 @@ def test_a_report_that_fails_is_said_on_stderr(tmp_path):
     assert proc.returncode != 0
     assert "gpu-check: the report failed" in proc.stderr, proc.stderr[-800:]
     assert "ValueError: a figure that is not a number" in proc.stderr, proc.stderr[-800:]
+
+
+def test_the_default_output_directory_of_gpu_check_is_ignored_by_git_and_docker():
+    # Without OUT, gpu-check.sh writes into gpu-check-out/ at the root: its logs and reports
+    # must not show as changes to commit, travel to the device machine as sources, or enter
+    # the image's build context.
+    script = (ROOT / "scripts" / "gpu-check.sh").read_text()
+    assert 'out="${OUT:-$root/gpu-check-out}"' in script
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "gpu-check-out/results.md"], cwd=ROOT
+    )
+    assert ignored.returncode == 0, "git does not ignore gpu-check-out/"
+    patterns = {
+        l.strip()
+        for l in (ROOT / ".dockerignore").read_text().splitlines()
+        if l.strip() and not l.startswith("#")
+    }
+    assert "gpu-check-out/" in patterns, ".dockerignore lacks gpu-check-out/"
