@@ -127,7 +127,10 @@ counters! {
     /// `kvh_scrub_blocks` calls the allocator refused (bad layout or ids, memory not live);
     /// not those the C boundary refuses before reaching it (a NULL, an over-limit count).
     kv_scrubs_refused,
-    /// `kvh_claim_blocks` calls that were judged, and the KV blocks they handed over.
+    /// `kvh_claim_blocks` calls that were judged, and the KV blocks they handed over. A claim
+    /// whose gate scrub stopped (the device failed: counted in `backend_errors` or
+    /// `out_of_memory`; a graph capture; exit) is neither judged nor refused: its `kv_scrub`
+    /// record says why, and its caller gets the error.
     kv_claim_calls,
     kv_blocks_claimed,
     /// KV blocks the eviction gate's scrubs verified clean inside claims, because they were

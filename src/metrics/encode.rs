@@ -402,7 +402,7 @@ pub const SERIES: &[Series] = &[
         Counter,
         Number,
         NONE,
-        "kvh_claim_blocks calls judged by the eviction gate (refused ones are counted apart)."
+        "kvh_claim_blocks calls judged by the eviction gate (refused ones are counted apart; one whose gate scrub stopped on a device error, a graph capture or exit is in neither)."
     ),
     series!(
         "/counters/kv_blocks_claimed",
