@@ -272,3 +272,103 @@ fn a_panic_while_waiting_on_a_batch_does_not_hang_later_whole_pool_waits() {
     );
     alloc.check_consistency().unwrap();
 }
+
+/// A host backend that completes scrub batches one at a time, each `per_batch` after the one
+/// before (a device runs its queue in order, at its own pace), so frees can outpace scrubs.
+struct SerialDevice {
+    host: Arc<HostBackend>,
+    per_batch: Duration,
+    /// When the last batch submitted completes.
+    busy_until: Mutex<Instant>,
+}
+
+struct Queued {
+    inner: Box<dyn ScrubTicket>,
+    ready: Instant,
+}
+
+impl ScrubTicket for Queued {
+    fn poll(&mut self) -> Result<Option<Vec<SegmentResult>>, BackendError> {
+        if Instant::now() < self.ready {
+            return Ok(None);
+        }
+        self.inner.poll()
+    }
+
+    fn wait(&mut self) -> Result<Vec<SegmentResult>, BackendError> {
+        std::thread::sleep(self.ready.saturating_duration_since(Instant::now()));
+        self.inner.wait()
+    }
+}
+
+impl Hooks for SerialDevice {
+    fn host(&self) -> &HostBackend {
+        &self.host
+    }
+    fn ticket(&self, _: &[DevicePtr], inner: Box<dyn ScrubTicket>) -> Box<dyn ScrubTicket> {
+        let mut busy = self.busy_until.lock().unwrap();
+        let ready = (*busy).max(Instant::now()) + self.per_batch;
+        *busy = ready;
+        Box::new(Queued { inner, ready })
+    }
+}
+
+/// `shutdown` waits for the scrubs of the frees made before it, and for a bounded number of
+/// later ones: a thread that frees faster than the device scrubs cannot keep it waiting.
+/// (When it waited for every batch in the pool for a number of rounds, each round waited for
+/// all that was freed during the one before, a wait that grew round after round: the call
+/// returned only once the frees stopped.)
+#[test]
+fn shutdown_is_not_held_up_by_a_thread_that_frees_faster_than_the_device_scrubs() {
+    let backend = Arc::new(SerialDevice {
+        host: HostBackend::new(),
+        per_batch: Duration::from_micros(200),
+        busy_until: Mutex::new(Instant::now()),
+    });
+    let alloc = Allocator::new(hooked(&backend), config(), None);
+    // Freed before the call; of a size and stream the other thread never asks for, so none
+    // is handed out again meanwhile.
+    let before: Vec<u64> = (0..8)
+        .map(|_| alloc.malloc(65_536, 0, StreamHandle(9)).unwrap())
+        .collect();
+    for &p in &before {
+        alloc.free(p, 65_536, 0, StreamHandle(9)).unwrap();
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    // About ten frees for each batch the device completes, until the shutdown returns or
+    // the churn reaches its end.
+    const MOST_FREES: u64 = 20_000;
+    let churner = {
+        let (alloc, done) = (alloc.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut frees = 0;
+            while frees < MOST_FREES && !done.load(Ordering::SeqCst) {
+                let Ok(p) = alloc.malloc(512, 0, StreamHandle(7)) else {
+                    break;
+                };
+                if alloc.free(p, 512, 0, StreamHandle(7)).is_err() {
+                    break;
+                }
+                frees += 1;
+                std::thread::sleep(Duration::from_micros(20));
+            }
+            frees
+        })
+    };
+    std::thread::sleep(Duration::from_millis(20));
+    alloc.shutdown();
+    let churning = !churner.is_finished();
+    done.store(true, Ordering::SeqCst);
+    let frees = churner.join().unwrap();
+    assert!(
+        churning,
+        "shutdown returned only after the other thread stopped freeing ({frees} frees)"
+    );
+    for p in before {
+        assert_eq!(
+            alloc.block_info(p).map(|b| b.state),
+            Some(BlockState::Clean),
+            "a block freed before shutdown was left unscrubbed"
+        );
+    }
+}

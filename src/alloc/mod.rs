@@ -214,9 +214,12 @@ impl Drop for PoolGuard<'_> {
     }
 }
 
-/// Rounds in which a whole-pool wait (`Allocator::drain_pool`) also waits for frees made
-/// after it began, before it waits for the older work only.
-const NEWER_ROUNDS: usize = 64;
+/// How many batches of frees made after it began a whole-pool wait (`Allocator::drain_pool`)
+/// also waits for, beside the older work: enough for the memory that threads free meanwhile to
+/// reach out-of-memory recovery and `empty_cache`, and a bound on the wait however fast they
+/// free. (A bound in rounds is none: each round would wait for all that was freed during the
+/// one before, which grows without end once frees outpace scrubs.)
+const NEWER_BATCHES: usize = 256;
 
 /// The batches a `wait_and_apply` has taken and not yet waited on: put back in the pool
 /// (`DevicePool::put_back`) if the thread unwinds first, for another thread or the flusher to
@@ -1226,20 +1229,19 @@ impl Allocator {
     /// the backend refused for now stay in open batches (the caller asks
     /// `DevicePool::deferred`). Returns early once exit has begun.
     ///
-    /// For up to `NEWER_ROUNDS` rounds it also waits for the batches in the pool of frees
-    /// made after `horizon`: the memory they free is what out-of-memory recovery and
-    /// `empty_cache` are after, and what `shutdown` would otherwise abandon. Then only the
-    /// older work is waited for, so other threads that keep freeing can neither keep the
+    /// It also waits for up to `NEWER_BATCHES` batches, oldest first, of frees made after
+    /// `horizon`: the memory they free is what out-of-memory recovery and `empty_cache` are
+    /// after, and what `shutdown` would otherwise abandon. Beyond them only the older work is
+    /// waited for, so other threads that keep freeing, however fast, can neither keep the
     /// caller waiting nor make it stop before that work is done.
     fn drain_pool(&self, dev: u32, horizon: u64) {
-        let mut newer_rounds = NEWER_ROUNDS;
+        let mut newer_left = NEWER_BATCHES;
         // Submitting is done again only after a round that applied something: a batch the
         // backend refused for now is not submitted every 50 µs while this waits for another
         // thread (each refusal is counted).
         let mut submit = true;
         while !self.inner.shutting_down.load(Ordering::Acquire) {
-            let upto = if newer_rounds > 0 { u64::MAX } else { horizon };
-            let (taken, elsewhere) = self.with_pool(dev, |pool, backend, config, after| {
+            let (taken, newer, elsewhere) = self.with_pool(dev, |pool, backend, config, after| {
                 if submit {
                     pool.flush_open(false, backend, config, after);
                     pool.submit_rescrubs(backend, config, after);
@@ -1248,10 +1250,8 @@ impl Allocator {
                 // checked frees could keep a newer batch out at every moment. (Asked before
                 // taking; it matters only when nothing is taken.)
                 let elsewhere = pool.held_elsewhere_before(horizon);
-                (
-                    NotWaited::new(self, dev, pool.take_batches_before(upto)),
-                    elsewhere,
-                )
+                let (taken, newer) = pool.take_batches_before(horizon, newer_left);
+                (NotWaited::new(self, dev, taken), newer, elsewhere)
             });
             if taken.batches.is_empty() {
                 if !elsewhere {
@@ -1268,7 +1268,7 @@ impl Allocator {
                 continue;
             }
             submit = true;
-            newer_rounds = newer_rounds.saturating_sub(1);
+            newer_left -= newer;
             self.wait_and_apply(taken);
         }
     }

@@ -1066,17 +1066,30 @@ impl DevicePool {
     }
 
     /// Takes out every in-flight batch that holds a block freed before scrub sequence
-    /// `horizon`, to be waited on with the lock released. Batches of later frees stay for
-    /// the flusher.
-    pub(crate) fn take_batches_before(&mut self, horizon: u64) -> Vec<InFlight> {
+    /// `horizon`, and the first `newer` (oldest first) of those of later frees, to be waited
+    /// on with the lock released; also returns how many of the later ones it took. The other
+    /// batches of later frees stay for the flusher.
+    pub(crate) fn take_batches_before(
+        &mut self,
+        horizon: u64,
+        newer: usize,
+    ) -> (Vec<InFlight>, usize) {
+        let mut newer_taken = 0;
         let (taken, kept): (VecDeque<InFlight>, VecDeque<InFlight>) =
             std::mem::take(&mut self.in_flight)
                 .into_iter()
-                .partition(|f| f.oldest_seq() < horizon);
+                .partition(|f| {
+                    if f.oldest_seq() < horizon {
+                        return true;
+                    }
+                    let take = newer_taken < newer;
+                    newer_taken += usize::from(take);
+                    take
+                });
         self.in_flight = kept;
         self.out_of_pool
             .extend(taken.iter().map(InFlight::oldest_seq));
-        taken.into()
+        (taken.into(), newer_taken)
     }
 
     /// `batch`, taken by one of the `take_*` calls above, comes back to be applied.
