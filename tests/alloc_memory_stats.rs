@@ -381,3 +381,84 @@ fn a_cached_block_whose_release_failed_is_not_counted_as_returned() {
         "a release the backend failed is counted as a block returned to it"
     );
 }
+
+/// A backend whose release of a block waits until the test lets it answer, then answers
+/// that exit began (as the driver does once the process exits).
+struct HeldRelease {
+    host: std::sync::Arc<HostBackend>,
+    entered: std::sync::atomic::AtomicBool,
+    gate: (std::sync::Mutex<bool>, std::sync::Condvar),
+}
+
+impl common::hooked::Hooks for HeldRelease {
+    fn host(&self) -> &HostBackend {
+        &self.host
+    }
+    fn release(
+        &self,
+        _addr: kvhygiene::backend::DevicePtr,
+    ) -> Option<Result<(), kvhygiene::backend::BackendError>> {
+        self.entered
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let (open, cv) = &self.gate;
+        let mut open = open.lock().unwrap();
+        while !*open {
+            open = cv.wait(open).unwrap();
+        }
+        Some(Err(kvhygiene::backend::BackendError::ShuttingDown))
+    }
+}
+
+/// While a block's return to the backend is under way, the backend still holds it: it is
+/// still reserved. When exit overtakes that return, the block stays held, and no cumulative
+/// figure a reader saw goes back: `freed` never counted it, and the segments counted
+/// obtained and returned still match the backend calls made. (When the release was counted
+/// before the backend call and taken back after, a reader in between saw the bytes freed
+/// and no longer reserved, then `freed` go down.)
+#[test]
+fn a_release_under_way_is_still_reserved_and_one_exit_overtook_takes_back_no_freed_bytes() {
+    use std::sync::atomic::Ordering;
+    let backend = std::sync::Arc::new(HeldRelease {
+        host: HostBackend::new(),
+        entered: Default::default(),
+        gate: Default::default(),
+    });
+    let alloc =
+        kvhygiene::alloc::Allocator::new(common::hooked::hooked(&backend), manual_config(), None);
+    let a = alloc.malloc(4096, 0, S).unwrap();
+    alloc.free(a, 4096, 0, S).unwrap();
+    alloc.synchronize().unwrap();
+    let held = alloc.memory_stats(0).unwrap();
+    let releaser = {
+        let alloc = alloc.clone();
+        std::thread::spawn(move || alloc.empty_cache())
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !backend.entered.load(Ordering::SeqCst) {
+        assert!(std::time::Instant::now() < deadline, "no release was made");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let during = alloc.memory_stats(0).unwrap();
+    *backend.gate.0.lock().unwrap() = true;
+    backend.gate.1.notify_all();
+    releaser.join().unwrap();
+    let after = alloc.memory_stats(0).unwrap();
+    assert_eq!(
+        during.reserved_bytes.all, held.reserved_bytes.all,
+        "read while the backend still held the block"
+    );
+    assert_eq!(during.segment.all, held.segment.all);
+    for (then, now) in [
+        (during.reserved_bytes.all, after.reserved_bytes.all),
+        (during.segment.all, after.segment.all),
+    ] {
+        assert!(now.freed >= then.freed, "{now:?} after {then:?}");
+        assert_eq!(now.current, then.current, "{now:?} after {then:?}");
+    }
+    assert_eq!(
+        (after.segment.all.allocated, after.segment.all.freed),
+        (after.num_device_alloc, after.num_device_free),
+        "segments counted as obtained and returned differ from the backend calls made"
+    );
+    alloc.check_consistency().unwrap();
+}

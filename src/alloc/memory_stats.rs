@@ -19,10 +19,12 @@
 //! Each statistic keeps `current`, `peak` (since the last reset of peaks), and the
 //! cumulative `allocated` and `freed` (since the last reset of accumulated statistics), for
 //! all blocks and separately for the small (capacity up to 1 MiB, PyTorch's small-pool bound)
-//! and large ones. Invariant: every change of a block's state goes through the pool's one
-//! accounting step (`DevicePool::moved`, which calls `MemoryStats::moved`; a release undone,
-//! `MemoryStats::restored`), so `current` always equals a recount of the block table
-//! (`DevicePool::recount_memory`, checked with the accounting by `check_consistency`).
+//! and large ones. Invariant: every change of a block's state goes through
+//! `MemoryStats::moved` (from the pool's one accounting step, `DevicePool::moved`; a block
+//! leaves only once its return to the backend ended, `DevicePool::released`), so `current`
+//! always equals a recount of the block table and of the releases under way
+//! (`DevicePool::recount_memory`, checked with the accounting by `check_consistency`), and
+//! no cumulative figure ever goes down but by a reset.
 
 use serde::Serialize;
 
@@ -46,13 +48,6 @@ impl Stat {
         self.current = self.current.saturating_add(n);
         self.peak = self.peak.max(self.current);
         self.allocated = self.allocated.saturating_add(n);
-    }
-
-    /// A decrease undone: `current` back up, `freed` back down.
-    fn unfree(&mut self, n: u64) {
-        self.current = self.current.saturating_add(n);
-        self.peak = self.peak.max(self.current);
-        self.freed = self.freed.saturating_sub(n);
     }
 
     #[inline]
@@ -198,35 +193,6 @@ impl MemoryStats {
             self.reserved_bytes.change(held, small, capacity);
             self.segment.change(held, small, 1);
         }
-    }
-
-    /// A block whose removal was counted ([`MemoryStats::moved`] to `None`) is back in
-    /// `state`: its release did not happen (the backend refused it). Undone, not counted as
-    /// a block obtained again: each `current` it left goes back up and its `freed` down.
-    pub(crate) fn restored(
-        &mut self,
-        state: BlockState,
-        capacity: u64,
-        requested: u64,
-        handed_out: bool,
-    ) {
-        let small = capacity <= SMALL_POOL_MAX;
-        let (allocated, active) = counts(state, handed_out);
-        let undo = |set: &mut StatSet, n: u64| {
-            set.all.unfree(n);
-            set.pool(small).unfree(n);
-        };
-        if allocated {
-            undo(&mut self.allocated_bytes, capacity);
-            undo(&mut self.requested_bytes, requested);
-            undo(&mut self.allocation, 1);
-        }
-        if active {
-            undo(&mut self.active_bytes, capacity);
-            undo(&mut self.active, 1);
-        }
-        undo(&mut self.reserved_bytes, capacity);
-        undo(&mut self.segment, 1);
     }
 
     fn sets_mut(&mut self) -> [&mut StatSet; 9] {

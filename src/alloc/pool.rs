@@ -225,6 +225,11 @@ pub(crate) struct DevicePool {
     /// in no state meanwhile, but not settled either (`unsettled_blocks` counts them). A
     /// CLEAN one is reusable whatever becomes of its release, so it is not counted.
     releasing: usize,
+    /// The memory statistics' share of the blocks taken out for release whose backend call
+    /// has not ended: PyTorch's figures count them until it has (the backend still holds
+    /// them; a release exit overtakes never happens), so `memory` is the block table's
+    /// recount plus this (`recount_memory`).
+    in_release: MemoryStats,
     pub(crate) stats: PoolCounters,
     /// PyTorch's memory statistics of the device (`memory_stats.rs`), changed with every
     /// block state, as `stats.accounting` is.
@@ -260,6 +265,7 @@ impl DevicePool {
             rescrub_deferred: None,
             out_of_pool: Vec::new(),
             releasing: 0,
+            in_release: MemoryStats::default(),
             stats: PoolCounters::default(),
             memory: MemoryStats::unstarted(),
             reset: false,
@@ -1470,13 +1476,14 @@ impl DevicePool {
         let Some(block) = self.blocks.remove(&addr) else {
             return false;
         };
-        let handed_out = !block.never_handed_out();
-        self.moved(
-            Some(block.state),
+        gauge(&mut self.stats.accounting, block.state).sub(block.capacity());
+        // PyTorch's figures count it until the backend call ends (`released`).
+        self.in_release.moved(
             None,
+            Some(block.state),
             block.capacity(),
             block.requested,
-            handed_out,
+            !block.never_handed_out(),
         );
         if block.state != BlockState::Clean {
             self.releasing += 1;
@@ -1487,14 +1494,33 @@ impl DevicePool {
 
     /// `release`, taken out by [`DevicePool::release`], ended: returned, or about to be kept.
     pub(crate) fn release_ended(&mut self, release: &Release) {
-        if release.block.state != BlockState::Clean {
+        let block = &release.block;
+        if block.state != BlockState::Clean {
             self.releasing = self.releasing.saturating_sub(1);
         }
+        self.in_release.moved(
+            Some(block.state),
+            None,
+            block.capacity(),
+            block.requested,
+            !block.never_handed_out(),
+        );
     }
 
     /// `release`, taken out by [`DevicePool::release`], went back to the backend (counted), or
-    /// the backend refused it (`leaked`: not counted as released); recorded either way.
+    /// the backend refused it (`leaked`: not counted as released); recorded either way. It
+    /// leaves PyTorch's figures now, once the backend call ended: a reader never sees the
+    /// bytes gone while the backend holds them, nor, when exit overtakes the release
+    /// (`keep_unreleased`), a cumulative `freed` taken back.
     pub(crate) fn released(&mut self, release: &Release, leaked: bool, after: &mut Aftermath) {
+        let block = &release.block;
+        self.memory.moved(
+            Some(block.state),
+            None,
+            block.capacity(),
+            block.requested,
+            !block.never_handed_out(),
+        );
         if !leaked {
             self.stats.counters.released += 1;
         }
@@ -1516,10 +1542,8 @@ impl DevicePool {
             self.free_lists.entry(key).or_default().push(block.addr);
         }
         gauge(&mut self.stats.accounting, block.state).add(capacity);
-        // Back as it was: no segment was returned, nor one obtained again.
-        let handed_out = !block.never_handed_out();
-        self.memory
-            .restored(block.state, capacity, block.requested, handed_out);
+        // PyTorch's figures never saw it leave (`released`): no segment was returned, nor
+        // one obtained again.
         self.blocks.insert(block.addr, block);
     }
 
@@ -1731,7 +1755,8 @@ impl DevicePool {
     /// The memory statistics' current values recomputed from the block table (compared with
     /// the kept ones by `check_consistency`).
     pub(crate) fn recount_memory(&self) -> MemoryStats {
-        let mut m = MemoryStats::default();
+        // The blocks whose release has not ended are still counted (`in_release`).
+        let mut m = self.in_release;
         for b in self.blocks.values() {
             m.moved(
                 None,
