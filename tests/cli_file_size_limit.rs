@@ -4,10 +4,12 @@
 //! writer rotates its files within the limit instead.
 
 mod cli_common;
+mod forensic_common;
 
 use std::os::unix::process::CommandExt;
 
 use cli_common::{host_demo, kvh, run};
+use forensic_common::{cfg, secret_key_file, write_log};
 
 const LIMIT: u64 = 32 << 10;
 
@@ -49,4 +51,50 @@ fn a_file_size_limit_below_the_log_size_rotates_the_files_within_it() {
     assert!(files.iter().all(|&n| n <= LIMIT - 4096), "{files:?}");
     let (code, out, err) = run(kvh().arg("verify-log").arg(&log));
     assert_eq!(code, 0, "{out}\n{err}");
+}
+
+/// `kvh tail-log` writing to a file that reaches the file size limit: the write fails, and
+/// the tail says so and exits 2, its position saved, as for a full disk. (Killed by
+/// `SIGXFSZ` at the limit, it ended with nothing said and no state saved, and each restart
+/// died the same way on its first write.)
+#[test]
+fn a_tail_whose_output_reaches_the_file_size_limit_says_so_and_exits_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("log");
+    write_log(&cfg(&log, 1 << 20), 200, true);
+    let key = secret_key_file(tmp.path());
+    let out = tmp.path().join("out.jsonl");
+    let state = tmp.path().join("state.json");
+    let mut tail = kvh();
+    tail.arg("tail-log")
+        .arg(&log)
+        .arg("--key-file")
+        .arg(&key)
+        .args(["--once", "--from-start", "--state"])
+        .arg(&state)
+        .stdout(std::fs::File::create(&out).unwrap());
+    const OUTPUT_LIMIT: u64 = 8 << 10;
+    // SAFETY: the closure runs in the forked child before exec and makes one
+    // async-signal-safe call (setrlimit) on a value owned by the closure.
+    unsafe {
+        tail.pre_exec(|| {
+            let r = libc::rlimit {
+                rlim_cur: OUTPUT_LIMIT,
+                rlim_max: OUTPUT_LIMIT,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (code, _, err) = run(&mut tail);
+    let written = std::fs::metadata(&out).unwrap().len();
+    assert!(
+        written == OUTPUT_LIMIT,
+        "the records did not reach the limit ({written} bytes written): {err}"
+    );
+    assert_eq!(code, 2, "killed by a signal (-1) or another status: {err}");
+    assert!(err.contains("cannot write"), "{err}");
+    assert!(state.exists(), "the position was not saved: {err}");
 }

@@ -550,6 +550,7 @@ fn main() -> ExitCode {
             "kvh: cannot keep core dumps off ({e}); a crash could leave keys in a core file"
         ));
     }
+    fail_writes_past_the_file_size_limit();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return parse_outcome(&e),
@@ -574,6 +575,18 @@ fn main() -> ExitCode {
         Command::Gate(args) => exit_code(gate::run_gate(&args)),
         Command::Config(args) => exit_code(config_cli::run_config(&args)),
         Command::Completions { shell } => print_completions(shell),
+    }
+}
+
+/// A write past the file size limit (`ulimit -f`, `RLIMIT_FSIZE`) fails with `EFBIG`, which
+/// every verb reports and ends on with its documented status (2, an I/O error), rather than
+/// kill the process (`SIGXFSZ`'s default action) mid-write with nothing said: a tail-log
+/// restarted so would die on its first write again, its position never saved.
+fn fail_writes_past_the_file_size_limit() {
+    // SAFETY: sets a standard signal's disposition to "ignore", before any thread of this
+    // process starts; no handler is installed, so no code runs in signal context.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
 }
 
