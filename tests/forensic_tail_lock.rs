@@ -398,3 +398,53 @@ fn the_lock_file_is_private_and_kept_and_no_verb_reads_it_as_part_of_the_log() {
         .unwrap();
     assert_ok(&verify, "verify-log --archive-dir after the prune");
 }
+
+/// The temporary files of saves that never ended (a tail killed between writing one and
+/// renaming it into place) are removed by the next tail once it holds the state's lock, so
+/// they do not pile up one per kill. Only files named as a save names them go: not a link
+/// so named (nor what it links to), not a file that merely starts alike, not another state
+/// file's.
+#[test]
+fn the_next_tail_removes_what_saves_cut_short_left_and_nothing_else() {
+    let s = setup();
+    let stale = [
+        "tail.json.tmp-4242-1796521580399168015",
+        "tail.json.tmp-7-1",
+    ];
+    for name in stale {
+        std::fs::write(s.states.join(format!(".{name}")), "{}").unwrap();
+    }
+    let target = s.tmp.path().join("target");
+    std::fs::write(&target, "keep").unwrap();
+    let kept = [
+        ".tail.json.tmp-notes",
+        ".tail.json.tmp-1-2-3",
+        ".other.json.tmp-4242-1",
+        "tail.json.tmp-4242-1",
+    ];
+    for name in kept {
+        std::fs::write(s.states.join(name), "keep").unwrap();
+    }
+    let link = s.states.join(".tail.json.tmp-9-9");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    assert_ok(&tail_once(&s.dir, &s.state), "a tail run");
+    for name in stale {
+        assert!(
+            !s.states.join(format!(".{name}")).exists(),
+            ".{name} was left"
+        );
+    }
+    for name in kept {
+        assert_eq!(
+            std::fs::read_to_string(s.states.join(name)).unwrap(),
+            "keep",
+            "{name} was touched"
+        );
+    }
+    assert!(
+        std::fs::symlink_metadata(&link).is_ok(),
+        "the link was removed"
+    );
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+    assert!(s.state.exists());
+}

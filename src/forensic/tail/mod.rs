@@ -271,6 +271,7 @@ fn tail(args: &TailLogArgs, lock: &mut Option<StateLock>) -> Result<(), Stop> {
             // Before the state is read: one tail at a time reads it, passes on from it and
             // saves it.
             *lock = Some(lock_state(path).map_err(Stop::Error)?);
+            remove_unfinished_saves(path);
             load_state(path).map_err(Stop::Error)?
         }
         None => None,
@@ -1346,6 +1347,42 @@ fn state_dir(path: &Path) -> &Path {
         .unwrap_or(Path::new("."))
 }
 
+/// The prefix of the temporary files `save_state` writes the `--state` file `path` through:
+/// `.NAME.tmp-`, then the writer's process id and a time.
+fn save_prefix(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map_or_else(|| "state".into(), |n| n.to_string_lossy().into_owned());
+    format!(".{name}.tmp-")
+}
+
+/// Removes the temporary files of saves of the `--state` file `path` that never ended (a
+/// tail killed between writing one and renaming it: SIGKILL, the OOM killer), which would
+/// otherwise pile up, one per such kill. Called with the state's lock held, so no other tail
+/// is saving through one. Only regular files named as a save names them are removed (a link
+/// is not followed); one that cannot be removed is left, harmless.
+fn remove_unfinished_saves(path: &Path) {
+    let prefix = save_prefix(path);
+    let Ok(entries) = std::fs::read_dir(state_dir(path)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix.as_str())) else {
+            continue;
+        };
+        let numbered = rest.split_once('-').is_some_and(|(pid, time)| {
+            [pid, time]
+                .iter()
+                .all(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+        });
+        // `DirEntry::file_type` does not follow a link.
+        if numbered && entry.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 fn save_state(path: &Path, state: &State) -> Result<(), String> {
     use std::os::unix::fs::OpenOptionsExt;
     let err = |e: std::io::Error| format!("--state {}: {e}", path.display());
@@ -1355,11 +1392,9 @@ fn save_state(path: &Path, state: &State) -> Result<(), String> {
     // since: an append-only directory would take the temporary file and refuse its rename and
     // its removal.
     refuse_marked_state_dir(path)?;
-    let name = path
-        .file_name()
-        .map_or_else(|| "state".into(), |n| n.to_string_lossy().into_owned());
     let tmp = path.with_file_name(format!(
-        ".{name}.tmp-{}-{}",
+        "{}{}-{}",
+        save_prefix(path),
         std::process::id(),
         unix_nanos(std::time::SystemTime::now())
     ));
