@@ -57,7 +57,7 @@ pub struct VerifyLogArgs {
     #[arg(long, value_name = "ARCHIVE")]
     pub archive_dir: Vec<PathBuf>,
     /// Print the report as JSON on stdout; when nothing can be verified (exit 2), an object
-    /// with the `error` (and for verify-log, no `chains` and the error among `errors`). For
+    /// with the `error` (and for verify-log, `chains` empty and the error among `errors`). For
     /// evidence, a log directory whose path is not UTF-8 is null in `log_dir`, and given as a
     /// shell word in `log_dir_shell`.
     #[arg(long)]
