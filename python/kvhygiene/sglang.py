@@ -27,10 +27,13 @@ KV pool and its allocator. The wrap needs the scheduler's own objects
 and, for ``stream``, ``scheduler.forward_stream`` in 0.5.23), once the ``Scheduler`` is built.
 From SGLang 0.5.23 on, the package's general plugin (:func:`install_plugin`, entry point
 ``sglang.srt.plugins``, run first in each scheduler process) does both: ``install()`` before
-the scheduler allocates, :func:`wrap_scheduler` once it is built. With an earlier release,
+the scheduler allocates, :func:`wrap_scheduler` once it is built. SGLang runs it after
+importing its scheduler module, which starts CUDA on a GPU machine (its FP8 utilities read the
+device's compute capability at import), too late for ``install()``; so, with any release,
 ``install()`` gets there through a ``sitecustomize`` module on ``PYTHONPATH`` that ends the
 process when it fails (Python only prints an exception raised there; see the README), and
-the wrap through code of the user's in that process. The ``kv_scrub`` record of the padding
+the plugin then finds it installed and does the wrap (with an earlier release, code of the
+user's in that process does). The ``kv_scrub`` record of the padding
 page's scrub, made when the allocator is wrapped, shows in each process's forensic log that
 the wrap took. Run
 SGLang with ``--disable-cuda-graph`` (in 0.5.23, deprecated for
@@ -740,15 +743,29 @@ def wrap_scheduler(scheduler) -> List[ScrubOnFree]:
     return wrapped
 
 
+#: Why a scheduler process whose CUDA started before the plugin ran is not built, and what
+#: to do instead.
+_STARTED_CUDA_FIRST = (
+    "kvhygiene: this SGLang scheduler process started CUDA before kvhygiene's plugin ran "
+    "(SGLang's scheduler module does as it is imported: its FP8 utilities read the device's "
+    "compute capability), too late to make kvhygiene PyTorch's allocator. Install kvhygiene "
+    "as each process starts, with a sitecustomize module on PYTHONPATH (README, \"Earlier "
+    "SGLang releases\"); the plugin then finds it installed and wraps the KV pool's frees"
+)
+
+
 def install_plugin() -> None:
     """SGLang's general plugin (entry point ``kvhygiene`` of ``sglang.srt.plugins``, declared by
     this package): kvhygiene in every scheduler process, with no code of the user's.
 
     SGLang (0.5.23) loads its general plugins first thing in each process it starts, a
-    scheduler process before it builds its ``Scheduler``. In a process that has loaded
+    scheduler process before it builds its ``Scheduler`` (but after importing the scheduler
+    module, whose imports may start CUDA: then only a ``sitecustomize`` module installs
+    kvhygiene in time, and the error raised names it). In a process that has loaded
     SGLang's scheduler module, the plugin makes ``Scheduler.__init__`` first call
-    :func:`kvhygiene.install` (before the model and the KV pool are allocated) and, once the
-    scheduler is built, :func:`wrap_scheduler`. Either failing raises out of the scheduler's
+    :func:`kvhygiene.install` (before the model and the KV pool are allocated; a no-op where
+    a ``sitecustomize`` module installed it) and, once the scheduler is built,
+    :func:`wrap_scheduler`. Either failing raises out of the scheduler's
     construction, which SGLang reports and which stops the server: it does not serve on
     PyTorch's allocator, or with KV slots freed unscrubbed. In other processes (the tokenizer,
     the detokenizer) it does nothing. Schedulers SGLang starts as Ray actors load no plugins,
@@ -772,9 +789,12 @@ def install_plugin() -> None:
         return
 
     def __init__(self, *args, **kwargs):
-        from . import install
+        from . import AllocatorAlreadyInUseError, install
 
-        install()
+        try:
+            install()
+        except AllocatorAlreadyInUseError as e:
+            raise AllocatorAlreadyInUseError(f"{_STARTED_CUDA_FIRST} ({e})") from e
         init(self, *args, **kwargs)
         self.kvhygiene_scrubs = wrap_scheduler(self)
 
