@@ -502,7 +502,8 @@ def load(path: Optional[str] = None) -> ctypes.CDLL:
     """Loads the library once per process (later calls return the same handle). A ``path``
     given once it is loaded must name the same file: ``FileNotFoundError`` when it names
     none, ``ValueError`` when it names another. ``OSError`` when the file is not a library
-    this process can load, or not kvhygiene's. In a process started with the LD_PRELOAD
+    this process can load, not kvhygiene's, or a kvhygiene of another build that lacks an
+    export this package uses (the message gives its version). In a process started with the LD_PRELOAD
     library it is that library (one process runs one kvhygiene): a ``path`` naming another
     file is then a ``ValueError``, and ``$KVH_LIBRARY`` is not used."""
     global _lib, _lib_path, _lib_loaded
@@ -519,8 +520,8 @@ def load(path: Optional[str] = None) -> ctypes.CDLL:
             lib = ctypes.CDLL(loaded.name, mode=mode)
             try:
                 _declare(lib)
-            except AttributeError as e:  # a library, but not kvhygiene's
-                raise OSError(f"{loaded.name} is not {LIBRARY_NAME}: {e}") from e
+            except AttributeError as e:  # a library, but not kvhygiene's, or not this one
+                raise OSError(_not_this_library(lib, loaded.name, e)) from e
             _lib, _lib_path = lib, loaded.name
             _lib_loaded = loaded._replace(handle=lib._handle)
             # Registered at first load, so that it runs late at exit (atexit runs handlers in
@@ -531,6 +532,23 @@ def load(path: Optional[str] = None) -> ctypes.CDLL:
             atexit.register(lib.kvh_shutdown)
             _shut_down_in_forked_workers(lib)
         return _lib
+
+
+def _not_this_library(lib: ctypes.CDLL, name: str, missing: AttributeError) -> str:
+    """Why library ``name`` cannot serve this package, which lacks an export (``missing``):
+    not kvhygiene at all, or a kvhygiene of another build (an older ``KVH_LIBRARY``, a stale
+    ``target/``), said with its version, so the fix (load the matching build) is plain."""
+    if not all(hasattr(lib, export) for export in _KVHYGIENE_EXPORTS):
+        return f"{name} is not {LIBRARY_NAME}: {missing}"
+    # Every one of kvhygiene's own exports is there: its kvh_version is kvhygiene's.
+    version_of = lib.kvh_version
+    version_of.restype, version_of.argtypes = ctypes.c_char_p, []
+    version = (version_of() or b"unknown").decode("utf-8", "replace")
+    return (
+        f"{name} is a {LIBRARY_NAME} of another build (version {version}) than this package "
+        f"was written for ({missing}): load the library built from the same tree or release "
+        "as the package (rebuild it, or point KVH_LIBRARY at that one)"
+    )
 
 
 def _shut_down_in_forked_workers(lib) -> None:

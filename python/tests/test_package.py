@@ -75,6 +75,39 @@ def test_a_library_that_is_not_kvhygiene_is_refused_by_name(tmp_path):
     assert run.stdout.startswith("OSError") and "is not libkvhygiene.so" in run.stdout, run.stdout
 
 
+def test_a_kvhygiene_of_another_build_is_refused_with_its_version(tmp_path):
+    # A library with kvhygiene's own exports but not every one this package declares (an
+    # older build left in target/ or named by KVH_LIBRARY): the error says it is another
+    # build, with its version, rather than that it is not kvhygiene.
+    import shutil
+    import subprocess
+    import sys
+
+    cc = shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler to build a stand-in library with")
+    source = tmp_path / "old.c"
+    source.write_text(
+        "void *kvh_malloc(long n, int d, void *s) { return 0; }\n"
+        "void kvh_free(void *p, long n, int d, void *s) {}\n"
+        'const char *kvh_version(void) { return "0.0.9"; }\n'
+        "int kvh_init(void) { return 0; }\n"
+        "int kvh_stats_json(char *b, unsigned long n, unsigned long *o) { return 0; }\n"
+    )
+    old = tmp_path / "libkvhygiene.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(old), str(source)], check=True)
+    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
+    code = (
+        f"import sys; sys.path.insert(0, {pkg!r}); import kvhygiene\n"
+        f"try:\n    kvhygiene.load({str(old)!r})\nexcept OSError as e:\n    print('OSError', e)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("OSError"), run.stdout
+    assert "of another build (version 0.0.9)" in run.stdout, run.stdout
+    assert "rebuild it" in run.stdout, run.stdout
+
+
 @pytest.mark.skipif(HAVE_TORCH, reason="checks the error without torch")
 def test_install_without_torch_is_an_import_error():
     with pytest.raises(ImportError, match=r"install torch"):
