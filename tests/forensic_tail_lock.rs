@@ -448,3 +448,38 @@ fn the_next_tail_removes_what_saves_cut_short_left_and_nothing_else() {
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
     assert!(s.state.exists());
 }
+
+/// State file names that are not UTF-8 are matched byte for byte: the temporary file of a
+/// state file whose name reads the same once made UTF-8 (another file, with a replacement
+/// character where this one has an invalid byte) is another tail's, and stays.
+#[test]
+fn unfinished_saves_are_told_apart_by_the_bytes_of_the_state_file_s_name() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let s = setup();
+    let state = s.states.join(OsStr::from_bytes(b"s\xff.json"));
+    let ours = s.states.join(OsStr::from_bytes(b".s\xff.json.tmp-3-4"));
+    let theirs = s
+        .states
+        .join(OsStr::from_bytes(b".s\xef\xbf\xbd.json.tmp-1-2"));
+    std::fs::write(&ours, "{}").unwrap();
+    std::fs::write(&theirs, "keep").unwrap();
+    assert_ok(&tail_once(&s.dir, &state), "a tail run");
+    assert!(!ours.exists(), "this state file's unfinished save was left");
+    assert_eq!(
+        std::fs::read_to_string(&theirs).unwrap(),
+        "keep",
+        "another state file's save was removed"
+    );
+    assert!(state.exists());
+    let names: Vec<_> = std::fs::read_dir(&s.states)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.as_bytes().starts_with(b".s\xff.json.tmp-")),
+        "{names:?}"
+    );
+}

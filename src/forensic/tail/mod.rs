@@ -1348,12 +1348,13 @@ fn state_dir(path: &Path) -> &Path {
 }
 
 /// The prefix of the temporary files `save_state` writes the `--state` file `path` through:
-/// `.NAME.tmp-`, then the writer's process id and a time.
-fn save_prefix(path: &Path) -> String {
-    let name = path
-        .file_name()
-        .map_or_else(|| "state".into(), |n| n.to_string_lossy().into_owned());
-    format!(".{name}.tmp-")
+/// `.NAME.tmp-`, then the writer's process id and a time. In the name's own bytes: two state
+/// files whose names are not UTF-8 must not share it (a lossy spelling would make them).
+fn save_prefix(path: &Path) -> std::ffi::OsString {
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(path.file_name().unwrap_or(std::ffi::OsStr::new("state")));
+    prefix.push(".tmp-");
+    prefix
 }
 
 /// Removes the temporary files of saves of the `--state` file `path` that never ended (a
@@ -1362,20 +1363,21 @@ fn save_prefix(path: &Path) -> String {
 /// is saving through one. Only regular files named as a save names them are removed (a link
 /// is not followed); one that cannot be removed is left, harmless.
 fn remove_unfinished_saves(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
     let prefix = save_prefix(path);
     let Ok(entries) = std::fs::read_dir(state_dir(path)) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix.as_str())) else {
+        let Some(rest) = name.as_bytes().strip_prefix(prefix.as_bytes()) else {
             continue;
         };
-        let numbered = rest.split_once('-').is_some_and(|(pid, time)| {
-            [pid, time]
-                .iter()
-                .all(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-        });
+        let digits = |s: &[u8]| !s.is_empty() && s.iter().all(u8::is_ascii_digit);
+        let numbered = rest
+            .iter()
+            .position(|&b| b == b'-')
+            .is_some_and(|dash| digits(&rest[..dash]) && digits(&rest[dash + 1..]));
         // `DirEntry::file_type` does not follow a link.
         if numbered && entry.file_type().is_ok_and(|t| t.is_file()) {
             let _ = std::fs::remove_file(entry.path());
@@ -1392,12 +1394,13 @@ fn save_state(path: &Path, state: &State) -> Result<(), String> {
     // since: an append-only directory would take the temporary file and refuse its rename and
     // its removal.
     refuse_marked_state_dir(path)?;
-    let tmp = path.with_file_name(format!(
-        "{}{}-{}",
-        save_prefix(path),
+    let mut tmp_name = save_prefix(path);
+    tmp_name.push(format!(
+        "{}-{}",
         std::process::id(),
         unix_nanos(std::time::SystemTime::now())
     ));
+    let tmp = path.with_file_name(tmp_name);
     let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
