@@ -1087,9 +1087,14 @@ fn an_interrupted_demo_ends_its_progress_line_before_it_says_why() {
     }
     let text = String::from_utf8_lossy(&seen).into_owned();
     assert_eq!(status.code(), Some(130), "{text}");
+    // Said at once, on a line of its own: requests under way may take a while to end.
+    let notice = text
+        .find("\nkvh demo: stopping once the requests under way end")
+        .expect("the first signal is answered at once");
     let said = text
         .find("kvh demo: interrupted")
         .expect("the interruption is said");
+    assert!(notice < said, "{text:?}");
     assert!(
         text[..said].contains("requests "),
         "no progress line was drawn: {text:?}"
@@ -1756,4 +1761,22 @@ fn a_metrics_file_in_a_directory_this_uid_cannot_write_is_refused_before_the_run
         "{stderr}"
     );
     assert!(stdout.is_empty(), "the run went ahead: {stdout}");
+}
+
+/// Under a policy that returns every freed block to the device (`KVH_MAX_REUSE=1`), no
+/// block goes back to the pool, and no free→clean latency is measured: the report says so,
+/// rather than print latencies of 0 µs that read as measured.
+#[test]
+fn a_run_that_measured_no_scrub_latency_says_so() {
+    let (code, out, err) = cli_common::run(host_demo(2, 3).env("KVH_MAX_REUSE", "1"));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("scrub latency"))
+        .unwrap_or_else(|| panic!("no latency line: {out}"));
+    assert!(line.contains("none measured"), "{line}");
+    let (code, out, err) = cli_common::run(&mut host_demo(2, 3));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let line = out.lines().find(|l| l.contains("scrub latency")).unwrap();
+    assert!(line.contains("p50 ") && !line.contains("none"), "{line}");
 }

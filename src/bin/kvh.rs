@@ -1066,12 +1066,28 @@ impl Interrupt {
         use signal_hook::consts::{SIGINT, SIGTERM};
         let stop = Arc::new(AtomicBool::new(false));
         let signal = Arc::new(AtomicUsize::new(0));
+        // On a terminal the progress line is open: the notice starts a line of its own.
+        let notice: &'static [u8] = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            STOPPING_ON_A_TERMINAL
+        } else {
+            &STOPPING_ON_A_TERMINAL[1..]
+        };
         for sig in [SIGINT, SIGTERM] {
             // Registered first, the shutdown sees the flag the first signal set only from the
-            // second signal on.
+            // second signal on; the notice, before the flag is set, only the first signal.
+            let unstopped = Arc::clone(&stop);
             signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&stop))
                 .and_then(|_| {
                     signal_hook::flag::register_usize(sig, Arc::clone(&signal), sig as usize)
+                })
+                .and_then(|_| {
+                    // SAFETY: the action runs in signal context and only loads an atomic and
+                    // calls write(2), both async-signal-safe; it allocates and locks nothing.
+                    unsafe {
+                        signal_hook::low_level::register(sig, move || {
+                            say_stopping(&unstopped, notice)
+                        })
+                    }
                 })
                 .and_then(|_| signal_hook::flag::register(sig, Arc::clone(&stop)))
                 .map_err(|e| format!("cannot handle signal {sig}: {e}"))?;
@@ -1080,9 +1096,27 @@ impl Interrupt {
     }
 
     /// The shell's status for the signal that stopped the run (128 + its number).
+    /// (Its notice: [`say_stopping`].)
     fn exit_code(&self) -> ExitCode {
         let sig = self.signal.load(Ordering::SeqCst);
         ExitCode::from(u8::try_from(128 + sig).unwrap_or(130))
+    }
+}
+
+/// What the first SIGINT or SIGTERM says at once: a request under way may take a while (up
+/// to 65536 decode steps), and a run that goes quiet reads as hung.
+const STOPPING_ON_A_TERMINAL: &[u8] =
+    b"\nkvh demo: stopping once the requests under way end (a second signal stops at once)\n";
+
+/// Writes `notice` on stderr unless `stop` is already set (a later signal). Runs in signal
+/// context: one atomic load and one write(2), whose result is of no use there.
+fn say_stopping(stop: &AtomicBool, notice: &[u8]) {
+    if !stop.load(Ordering::SeqCst) {
+        // SAFETY: `notice` is a live byte slice of `notice.len()` bytes; write(2) reads no
+        // more, and is async-signal-safe.
+        unsafe {
+            libc::write(2, notice.as_ptr().cast(), notice.len());
+        }
     }
 }
 
