@@ -13,6 +13,24 @@ use forensic_common::{cfg, secret_key_file, write_log};
 
 const LIMIT: u64 = 32 << 10;
 
+/// Runs `cmd` under a file size limit of `limit` bytes (`RLIMIT_FSIZE`, `ulimit -f`).
+fn limit_file_size(cmd: &mut std::process::Command, limit: u64) {
+    // SAFETY: the closure runs in the forked child before exec and makes one
+    // async-signal-safe call (setrlimit) on a value it owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 #[test]
 fn a_file_size_limit_below_the_log_size_rotates_the_files_within_it() {
     let tmp = tempfile::tempdir().unwrap();
@@ -21,20 +39,7 @@ fn a_file_size_limit_below_the_log_size_rotates_the_files_within_it() {
     demo.arg("--log-dir")
         .arg(&log)
         .env("KVH_LOG_MAX_BYTES", "1048576");
-    // SAFETY: the closure runs in the forked child before exec and makes one
-    // async-signal-safe call (setrlimit) on a value owned by the closure.
-    unsafe {
-        demo.pre_exec(|| {
-            let r = libc::rlimit {
-                rlim_cur: LIMIT,
-                rlim_max: LIMIT,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    limit_file_size(&mut demo, LIMIT);
     let (code, out, err) = run(&mut demo);
     assert_eq!(
         code, 0,
@@ -74,20 +79,7 @@ fn a_tail_whose_output_reaches_the_file_size_limit_says_so_and_exits_2() {
         .arg(&state)
         .stdout(std::fs::File::create(&out).unwrap());
     const OUTPUT_LIMIT: u64 = 8 << 10;
-    // SAFETY: the closure runs in the forked child before exec and makes one
-    // async-signal-safe call (setrlimit) on a value owned by the closure.
-    unsafe {
-        tail.pre_exec(|| {
-            let r = libc::rlimit {
-                rlim_cur: OUTPUT_LIMIT,
-                rlim_max: OUTPUT_LIMIT,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    limit_file_size(&mut tail, OUTPUT_LIMIT);
     let (code, _, err) = run(&mut tail);
     let written = std::fs::metadata(&out).unwrap().len();
     assert!(

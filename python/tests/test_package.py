@@ -59,20 +59,28 @@ def test_a_library_that_is_not_kvhygiene_is_refused_by_name(tmp_path):
     # A loadable library without kvhygiene's exports (KVH_LIBRARY pointing at another .so):
     # an OSError naming the file, not an AttributeError from deep in the declarations.
     import _ctypes
-    import subprocess
-    import sys
 
     other = getattr(_ctypes, "__file__", None)  # an extension module: a loadable library
     if other is None:
         pytest.skip("this Python has _ctypes built in: no other shared library file to load")
+    said = _load_error_in_a_fresh_process(other)
+    assert said.startswith("OSError") and "is not libkvhygiene.so" in said, said
+
+
+def _load_error_in_a_fresh_process(library: str) -> str:
+    """What ``kvhygiene.load(library)`` raises in a fresh interpreter (one library per
+    process): ``OSError <message>``, or whatever it printed otherwise."""
+    import subprocess
+    import sys
+
     pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
     code = (
         f"import sys; sys.path.insert(0, {pkg!r}); import kvhygiene\n"
-        f"try:\n    kvhygiene.load({other!r})\nexcept OSError as e:\n    print('OSError', e)\n"
+        f"try:\n    kvhygiene.load({library!r})\nexcept OSError as e:\n    print('OSError', e)\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith("OSError") and "is not libkvhygiene.so" in run.stdout, run.stdout
+    return run.stdout
 
 
 def test_a_kvhygiene_of_another_build_is_refused_with_its_version(tmp_path):
@@ -81,7 +89,6 @@ def test_a_kvhygiene_of_another_build_is_refused_with_its_version(tmp_path):
     # build, with its version, rather than that it is not kvhygiene.
     import shutil
     import subprocess
-    import sys
 
     cc = shutil.which("cc")
     if cc is None:
@@ -96,16 +103,10 @@ def test_a_kvhygiene_of_another_build_is_refused_with_its_version(tmp_path):
     )
     old = tmp_path / "libkvhygiene.so"
     subprocess.run([cc, "-shared", "-fPIC", "-o", str(old), str(source)], check=True)
-    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
-    code = (
-        f"import sys; sys.path.insert(0, {pkg!r}); import kvhygiene\n"
-        f"try:\n    kvhygiene.load({str(old)!r})\nexcept OSError as e:\n    print('OSError', e)\n"
-    )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith("OSError"), run.stdout
-    assert "of another build (version 0.0.9)" in run.stdout, run.stdout
-    assert "rebuild it" in run.stdout, run.stdout
+    said = _load_error_in_a_fresh_process(str(old))
+    assert said.startswith("OSError"), said
+    assert "of another build (version 0.0.9)" in said, said
+    assert "rebuild it" in said, said
 
 
 @pytest.mark.skipif(HAVE_TORCH, reason="checks the error without torch")
