@@ -227,8 +227,8 @@ pub(crate) struct DevicePool {
     releasing: usize,
     /// The memory statistics' share of the blocks taken out for release whose backend call
     /// has not ended: PyTorch's figures count them until it has (the backend still holds
-    /// them; a release exit overtakes never happens), so `memory` is the block table's
-    /// recount plus this (`recount_memory`).
+    /// them, and a release that exit overtakes never happens), so `memory` is the block
+    /// table's recount plus this (`recount_memory`).
     in_release: MemoryStats,
     pub(crate) stats: PoolCounters,
     /// PyTorch's memory statistics of the device (`memory_stats.rs`), changed with every
