@@ -503,9 +503,9 @@ def load(path: Optional[str] = None) -> ctypes.CDLL:
     given once it is loaded must name the same file: ``FileNotFoundError`` when it names
     none, ``ValueError`` when it names another. ``OSError`` when the file is not a library
     this process can load, not kvhygiene's, or a kvhygiene of another build that lacks an
-    export this package uses (the message gives its version). In a process started with the LD_PRELOAD
-    library it is that library (one process runs one kvhygiene): a ``path`` naming another
-    file is then a ``ValueError``, and ``$KVH_LIBRARY`` is not used."""
+    export this package uses (the message gives its version). In a process started with the
+    LD_PRELOAD library it is that library (one process runs one kvhygiene): a ``path`` naming
+    another file is then a ``ValueError``, and ``$KVH_LIBRARY`` is not used."""
     global _lib, _lib_path, _lib_loaded
     with _lock:
         if _lib is not None and path is not None:

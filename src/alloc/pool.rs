@@ -1478,13 +1478,7 @@ impl DevicePool {
         };
         gauge(&mut self.stats.accounting, block.state).sub(block.capacity());
         // PyTorch's figures count it until the backend call ends (`released`).
-        self.in_release.moved(
-            None,
-            Some(block.state),
-            block.capacity(),
-            block.requested,
-            !block.never_handed_out(),
-        );
+        count_block(&mut self.in_release, &block, true);
         if block.state != BlockState::Clean {
             self.releasing += 1;
         }
@@ -1498,13 +1492,7 @@ impl DevicePool {
         if block.state != BlockState::Clean {
             self.releasing = self.releasing.saturating_sub(1);
         }
-        self.in_release.moved(
-            Some(block.state),
-            None,
-            block.capacity(),
-            block.requested,
-            !block.never_handed_out(),
-        );
+        count_block(&mut self.in_release, block, false);
     }
 
     /// `release`, taken out by [`DevicePool::release`], went back to the backend (counted), or
@@ -1513,14 +1501,7 @@ impl DevicePool {
     /// bytes gone while the backend holds them, nor, when exit overtakes the release
     /// (`keep_unreleased`), a cumulative `freed` taken back.
     pub(crate) fn released(&mut self, release: &Release, leaked: bool, after: &mut Aftermath) {
-        let block = &release.block;
-        self.memory.moved(
-            Some(block.state),
-            None,
-            block.capacity(),
-            block.requested,
-            !block.never_handed_out(),
-        );
+        count_block(&mut self.memory, &release.block, false);
         if !leaked {
             self.stats.counters.released += 1;
         }
@@ -1758,13 +1739,7 @@ impl DevicePool {
         // The blocks whose release has not ended are still counted (`in_release`).
         let mut m = self.in_release;
         for b in self.blocks.values() {
-            m.moved(
-                None,
-                Some(b.state),
-                b.capacity(),
-                b.requested,
-                !b.never_handed_out(),
-            );
+            count_block(&mut m, b, true);
         }
         m
     }
@@ -1821,6 +1796,15 @@ fn condemned(reason: QuarantineReason) -> bool {
         reason,
         QuarantineReason::RescrubFailed | QuarantineReason::RescrubResidue
     )
+}
+
+/// `block` comes into `stats`' figures (`held`: the pool holds it) or leaves them, in its
+/// state.
+fn count_block(stats: &mut MemoryStats, block: &Block, held: bool) {
+    let state = Some(block.state);
+    let (from, to) = if held { (None, state) } else { (state, None) };
+    let handed_out = !block.never_handed_out();
+    stats.moved(from, to, block.capacity(), block.requested, handed_out);
 }
 
 /// The gauge of `accounting` that counts blocks in `state`.

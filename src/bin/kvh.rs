@@ -1066,11 +1066,12 @@ impl Interrupt {
         use signal_hook::consts::{SIGINT, SIGTERM};
         let stop = Arc::new(AtomicBool::new(false));
         let signal = Arc::new(AtomicUsize::new(0));
-        // On a terminal the progress line is open: the notice starts a line of its own.
+        // On a terminal the progress line is open: the notice ends it first (its leading
+        // newline); elsewhere there is no such line, and no blank line is wanted.
         let notice: &'static [u8] = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            STOPPING_ON_A_TERMINAL
+            STOPPING_NOTICE
         } else {
-            &STOPPING_ON_A_TERMINAL[1..]
+            &STOPPING_NOTICE[1..]
         };
         for sig in [SIGINT, SIGTERM] {
             // Registered first, the shutdown sees the flag the first signal set only from the
@@ -1096,7 +1097,6 @@ impl Interrupt {
     }
 
     /// The shell's status for the signal that stopped the run (128 + its number).
-    /// (Its notice: [`say_stopping`].)
     fn exit_code(&self) -> ExitCode {
         let sig = self.signal.load(Ordering::SeqCst);
         ExitCode::from(u8::try_from(128 + sig).unwrap_or(130))
@@ -1105,7 +1105,7 @@ impl Interrupt {
 
 /// What the first SIGINT or SIGTERM says at once: a request under way may take a while (up
 /// to 65536 decode steps), and a run that goes quiet reads as hung.
-const STOPPING_ON_A_TERMINAL: &[u8] =
+const STOPPING_NOTICE: &[u8] =
     b"\nkvh demo: stopping once the requests under way end (a second signal stops at once)\n";
 
 /// Writes `notice` on stderr unless `stop` is already set (a later signal). Runs in signal
