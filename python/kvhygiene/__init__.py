@@ -37,6 +37,7 @@ from __future__ import annotations
 import atexit
 import collections.abc
 import contextlib
+import collections.abc
 import contextvars
 import ctypes
 import functools
@@ -67,6 +68,8 @@ __all__ = [
     "install",
     "installed",
     "context",
+    "task_factory",
+    "install_asyncio",
     "stats",
     "memory_stats",
     "synchronize",
@@ -937,10 +940,12 @@ def _resync_context() -> None:
 def _set(ids) -> None:
     """Gives the library ``ids`` (encoded, as :func:`_encoded_ids` makes them; ``None``:
     none) for the calling thread."""
+    global _contexts_used
     lib = load()
     if ids is None:
         lib.kvh_clear_context()
     else:
+        _contexts_used = True
         _check("kvh_set_context", lib.kvh_set_context(*ids))
 
 
@@ -951,12 +956,34 @@ def _encoded_ids(tenant_id, request_id, model_id) -> tuple:
     return tuple(_encode(v, name) for v, name in zip(values, _CONTEXT_FIELDS))
 
 
-@contextlib.contextmanager
+class _ContextBlock(contextlib._GeneratorContextManager):
+    """A :func:`context` block; as a decorator, of plain functions only.
+
+    A ``@contextmanager`` object also decorates, entering the block around each call of the
+    function. Around a coroutine function, a generator function or an async generator
+    function, the call only creates the coroutine or generator, and the block is left
+    before its body runs: the body would carry none of the ids. Refused instead
+    (``TypeError``), so that the mistake shows at import rather than in the forensic log."""
+
+    def __call__(self, func):
+        if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+            kind = "an async function"
+        elif inspect.isgeneratorfunction(func):
+            kind = "a generator function"
+        else:
+            return super().__call__(func)
+        raise TypeError(
+            f"kvhygiene.context cannot decorate {kind} ({func.__qualname__}): the block would "
+            "be left before its body runs; enter it inside the body "
+            "(with kvhygiene.context(...): ...)"
+        )
+
+
 def context(
     tenant_id: Optional[str] = None,
     request_id: Optional[str] = None,
     model_id: Optional[str] = None,
-) -> Iterator[None]:
+) -> "contextlib.AbstractContextManager[None]":
     """Stamps allocations and frees made by this thread inside the block with these ids.
 
     Contexts nest: an id not given (``None``) is the enclosing block's, so that a request's
@@ -981,7 +1008,9 @@ def context(
     ``await``, or a job makes on a pool's thread, carries the ids last set on that thread
     (another job's, or none) until the task's or job's next :func:`context`,
     :func:`claim_blocks` or :func:`scrub_blocks`: a job that allocates enters
-    :func:`context` itself.
+    :func:`context` itself, and an event loop whose tasks allocate inside their contexts
+    (a server running the model in its request handlers) is given :func:`install_asyncio`,
+    which sets each task's ids at every step it takes.
 
     A context left in another execution context than the one that entered it (a generator
     advanced from a thread pool, finished on another thread or in a copy) holds nowhere from
@@ -993,8 +1022,11 @@ def context(
 
     A context a generator enters holds only while that generator runs. Paused at a ``yield``
     inside the block (a streamed response), it shares its caller's execution context, and the
-    caller's own work (another request's included) neither carries its ids nor inherits its
-    tenant. A generator driven by :func:`contextlib.contextmanager`,
+    caller's own claims, scrubs and contexts (another request's included) neither carry its
+    ids nor inherit its tenant; the caller's allocations and frees carry the ids last set on
+    the thread, the generator's, until the caller's next :func:`context`,
+    :func:`claim_blocks` or :func:`scrub_blocks` (a task's next step, under
+    :func:`install_asyncio`). A generator driven by :func:`contextlib.contextmanager`,
     :func:`contextlib.asynccontextmanager` or an :class:`contextlib.ExitStack` is the
     exception: the body of the caller's ``with`` is meant to run inside its block. A resumed
     generator's allocations carry the ids last set on the thread until its next
@@ -1007,7 +1039,16 @@ def context(
     or ``kvh_clear_context`` on the same thread, or another green thread (gevent, eventlet)
     entering a context on it, does not change whose claim it is. Allocations and frees carry
     whichever ids were set on the thread last, by either side.
+
+    Used as a decorator, it enters the block around each call of a plain function; a
+    coroutine function, generator function or async generator function is refused
+    (``TypeError``): the block would be left before its body runs.
     """
+    return _ContextBlock(_context_block, (tenant_id, request_id, model_id), {})
+
+
+def _context_block(tenant_id, request_id, model_id) -> Iterator[None]:
+    """The body of a :func:`context` block, which :class:`_ContextBlock` drives."""
     given = (tenant_id, request_id, model_id)
     own = _encoded_ids(*given)
     outer = _innermost()
@@ -1035,6 +1076,114 @@ def context(
         # too, which may still be entered: out of order).
         _entered.set(tuple(e for e in entered if e is not entry and e.holds()))
         _resync_context()
+
+
+#: Whether any :func:`context` gave the library ids in this process: until one did, a task
+#: step of :func:`task_factory` has nothing of this package's to set (and leaves ids that
+#: native code set alone, and the library unloaded).
+_contexts_used = False
+
+
+class _IdsPerStep(collections.abc.Coroutine):
+    """A task's coroutine that gives the library the task's ids before each step.
+
+    The library keeps one set of ids per thread; tasks that take turns on the loop's thread
+    each hold their own contexts (:data:`_entered`, a context variable of the task's
+    context, in which asyncio runs its every step). So each step, the code between two
+    ``await`` s that suspend, starts by setting the thread's ids to those of the task's
+    innermost context (none outside any): what it allocates and frees carries its own
+    request's ids rather than those of the task that ran last."""
+
+    def __init__(self, coro):
+        self._coro = coro
+        # Named as the wrapped coroutine in a task's repr.
+        self.__qualname__ = getattr(coro, "__qualname__", type(coro).__qualname__)
+        self.__name__ = getattr(coro, "__name__", type(coro).__name__)
+
+    def send(self, value):
+        _ids_for_this_step()
+        return self._coro.send(value)
+
+    def throw(self, typ, val=None, tb=None):
+        _ids_for_this_step()
+        if val is None and tb is None:
+            return self._coro.throw(typ)
+        return self._coro.throw(typ, val, tb)
+
+    def close(self):
+        return self._coro.close()
+
+    def __await__(self):
+        return self._coro.__await__()
+
+    # What asyncio reads of a task's coroutine to name it and show its stack (Task's repr,
+    # Task.get_stack / print_stack), passed through to the wrapped one.
+    @property
+    def cr_frame(self):
+        return getattr(self._coro, "cr_frame", None)
+
+    @property
+    def cr_running(self):
+        return getattr(self._coro, "cr_running", False)
+
+    @property
+    def cr_await(self):
+        return getattr(self._coro, "cr_await", None)
+
+    @property
+    def cr_code(self):
+        return getattr(self._coro, "cr_code", None)
+
+    def __repr__(self):
+        return repr(self._coro)
+
+
+def _ids_for_this_step() -> None:
+    """:func:`_resync_context` for a task's step, once a context was used in this process."""
+    if _contexts_used:
+        _resync_context()
+
+
+def task_factory(loop, coro, **kwargs):
+    """An asyncio task factory (``loop.set_task_factory(kvhygiene.task_factory)``) whose tasks
+    give the library their own ids at each step: see :func:`install_asyncio`, which sets it
+    and keeps a task factory the loop already had."""
+    import asyncio
+
+    return asyncio.Task(_IdsPerStep(coro), loop=loop, **kwargs)
+
+
+def install_asyncio(loop=None) -> None:
+    """Makes each task of ``loop`` (the running loop by default) carry its own ids.
+
+    Without it, the library's ids are per thread: a task that allocates after an ``await``
+    carries the ids of the context another task on the loop's thread entered or left
+    meanwhile, so that its memory is stamped as that tenant's (pooled for it under
+    ``KVH_TENANT_ISOLATION=strict``, and named as its in the forensic log). With it, every
+    task created from then on gives the library its own ids (those of its innermost
+    :func:`context`, none outside any) at each step. Work the loop runs outside tasks
+    (callbacks, protocols) carries the ids the last step left.
+
+    A task factory the loop already has is kept: it is given the coroutine wrapped. Calling
+    this again on the same loop changes nothing. Each step costs one library call, about a
+    microsecond, once a :func:`context` was entered in the process.
+    """
+    import asyncio
+
+    if loop is None:
+        loop = asyncio.get_running_loop()
+    previous = loop.get_task_factory()
+    if previous is task_factory or getattr(previous, "_kvhygiene_ids_per_step", False):
+        return
+    if previous is None:
+        loop.set_task_factory(task_factory)
+        return
+
+    def chained(loop, coro, **kwargs):
+        return previous(loop, _IdsPerStep(coro), **kwargs)
+
+    chained._kvhygiene_ids_per_step = True
+    loop.set_task_factory(chained)
 
 
 _U64 = (1 << 64) - 1

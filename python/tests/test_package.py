@@ -2816,3 +2816,139 @@ def test_an_enforced_refusal_names_the_blocks_that_need_a_scrub(tmp_path):
     run = _run_script(tmp_path, _ENFORCED_CLAIM, KVH_KV_GATE="enforce")
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "7021 [0, 1, 2, 3, 4, 5] [4, 5]", run.stdout
+
+
+_INTERLEAVED_TASKS_ALLOCATING = """
+import asyncio
+import sys
+sys.path.insert(0, sys.argv[1])
+import kvhygiene
+lib = kvhygiene.load(sys.argv[2])
+per_step = sys.argv[3] == "per-step"
+
+
+def probe(n):
+    # A free of a pointer kvhygiene never gave out: an invalid_free record carrying the ids
+    # the library holds for this thread (caller_*), as an allocation made here would.
+    lib.kvh_free(0xdead0000 + 16 * n, 8, 0, None)
+
+
+async def request_a(a_in, b_in, b_out):
+    with kvhygiene.context(tenant_id="t-a", request_id="r-a"):
+        a_in.set()
+        await b_in.wait()
+        probe(1)  # after an await during which r-b entered its context
+        await b_out.wait()
+        probe(2)  # after one during which r-b left it
+
+
+async def request_b(a_in, b_in, b_out):
+    await a_in.wait()
+    with kvhygiene.context(tenant_id="t-b", request_id="r-b"):
+        b_in.set()
+        await asyncio.sleep(0)
+        probe(3)
+    b_out.set()
+    await asyncio.sleep(0)
+    probe(4)  # outside any context, after r-a ran
+
+
+async def serve():
+    if per_step:
+        kvhygiene.install_asyncio()
+    events = [asyncio.Event() for _ in range(3)]
+    await asyncio.gather(request_a(*events), request_b(*events))
+
+
+asyncio.run(serve())
+lib.kvh_shutdown()
+"""
+
+
+def _probed_ids(tmp_path, mode: str) -> list:
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "tasks.py"
+    script.write_text(_INTERLEAVED_TASKS_ALLOCATING)
+    log = tmp_path / mode
+    env = dict(os.environ, KVH_BACKEND="host", KVH_LOG_DIR=str(log), KVH_LOG_FSYNC="never")
+    pkg = str(Path(kvhygiene.__file__).resolve().parents[1])
+    run = subprocess.run([sys.executable, str(script), pkg, LIB, mode], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    records = [json.loads(line) for f in sorted(log.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    # In the order of the probes (their pointers), whatever the order of the records.
+    frees = sorted((r for r in records if r["kind"] == "invalid_free"), key=lambda r: int(r["ptr"], 16))
+    assert len(frees) == 4, frees
+    return [(r["caller_tenant_id"], r["caller_request_id"]) for r in frees]
+
+
+@needs_lib
+def test_under_install_asyncio_what_a_task_allocates_after_an_await_carries_its_own_ids(tmp_path):
+    # Two requests take turns on the loop's thread. Without install_asyncio the library's ids
+    # are those of whichever task entered or left a context last: r-a's memory would be
+    # stamped as t-b's (pooled for t-b under strict isolation, named as t-b's in the log).
+    assert _probed_ids(tmp_path, "per-step") == [
+        ("t-a", "r-a"),
+        ("t-a", "r-a"),
+        ("t-b", "r-b"),
+        (None, None),
+    ]
+    # The threat the function exists for, shown on the same script.
+    assert _probed_ids(tmp_path, "per-thread")[:2] == [("t-b", "r-b"), (None, None)]
+
+
+@needs_lib
+def test_install_asyncio_keeps_the_loops_task_factory_and_is_idempotent():
+    import asyncio
+
+    made = []
+
+    def previous(loop, coro, **kwargs):
+        made.append(coro)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async def job():
+        with kvhygiene.context(tenant_id="t", request_id="r-job"):
+            await asyncio.sleep(0)
+            return kvhygiene._innermost()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(previous)
+        kvhygiene.install_asyncio()
+        factory = loop.get_task_factory()
+        kvhygiene.install_asyncio(loop)
+        assert loop.get_task_factory() is factory, "a second call wrapped the factory again"
+        task = asyncio.create_task(job())
+        assert "job" in repr(task), repr(task)
+        assert task.get_stack() is not None
+        return await task
+
+    assert asyncio.run(main()) == (b"t", b"r-job", None)
+    # The job, then asyncio.run's own clean-up tasks: each made by the previous factory, of
+    # the coroutine wrapped once.
+    assert made and all(type(c) is kvhygiene._IdsPerStep for c in made), made
+    assert all(not isinstance(c._coro, kvhygiene._IdsPerStep) for c in made), made
+
+
+def test_context_decorates_plain_functions_and_refuses_those_whose_body_runs_later():
+    @kvhygiene.context(tenant_id="t", request_id="r-sync")
+    def plain():
+        return "ran"
+
+    assert plain.__name__ == "plain"
+
+    async def handler():
+        pass
+
+    def stream():
+        yield
+
+    async def astream():
+        yield
+
+    for func, kind in ((handler, "async function"), (stream, "generator"), (astream, "async function")):
+        with pytest.raises(TypeError, match=kind):
+            kvhygiene.context(tenant_id="t")(func)
