@@ -252,11 +252,13 @@ def _manager_block_layout(name: str, kv, num_blocks: int) -> KvLayout:
             f"layer {name}: its cache of shape {shape} does not count the {num_blocks} KV "
             "blocks (or a whole number of kernel blocks for each) in its first dimension"
         )
-    # A cache with K and V first, ``[2, N, ...]``, fails the count above unless N divides 2.
-    # With N = 1 its one block is the whole tensor, either way; with N = 2 and another
-    # dimension of 2, the shape cannot tell K-and-V-first from blocks-first, and taking the
-    # wrong one would lay block 1 over both blocks' V: refused rather than guessed.
-    if num_blocks == 2 and shape[0] == 2 and 2 in shape[1:]:
+    # A cache with K and V first, ``[2, N, ...]`` (N the blocks, or kernel blocks, a multiple
+    # of ``num_blocks``), fails the count above unless ``num_blocks`` divides 2. With one
+    # block, that block is the whole tensor either way; with 2 blocks and an even second
+    # dimension (or another dimension of 2), the shape cannot tell K-and-V-first from
+    # blocks-first, and taking the wrong one would lay block 1 over both blocks' V: refused
+    # rather than guessed.
+    if num_blocks == 2 and shape[0] == 2 and (2 in shape[1:] or (len(shape) > 1 and shape[1] % 2 == 0)):
         raise ValueError(
             f"layer {name}: its cache of shape {shape} with 2 KV blocks is ambiguous: its "
             "first dimension may be the blocks or K and V; run with more KV cache blocks"
@@ -665,15 +667,15 @@ def check_kv_connector(vllm_config) -> None:
     previous owner. Under the request scope that owner is another request, and the block's
     next claim scrubs it. Under the tenant scope, when the previous owner's tenant is given
     the block again, the claim takes it as the tenant's own, unscrubbed, and that tenant reads
-    what another tenant's request loaded. A producer (``kv_role="kv_producer"``) only reads
-    its blocks and is accepted; a connector of any other or no role is refused unless the
-    library reports the request scope (its statistics' ``kv_gate``)."""
+    what another tenant's request loaded. A connector of any role is refused unless the
+    library reports the request scope (its statistics' ``kv_gate``): the role does not bind
+    every connector (vLLM's NixlConnector loads the blocks a request's ``kv_transfer_params``
+    name from a remote whatever its ``kv_role``, and clients give those params), so a
+    ``kv_producer`` is no proof that nothing is loaded."""
     transfer = getattr(vllm_config, "kv_transfer_config", None)
     if transfer is None:
         return
     role = getattr(transfer, "kv_role", None)
-    if role == "kv_producer":
-        return
     scope = (stats().get("kv_gate") or {}).get("scope")
     if scope == "request":
         return

@@ -158,6 +158,18 @@ def test_a_two_block_cache_whose_first_dimension_may_be_k_and_v_is_refused():
     assert [(r, layout.block_bytes) for r in layout.regions] == [(0x100000, 2 * 2 * PAGE)]
 
 
+def test_a_two_block_cache_of_kernel_blocks_whose_first_dimension_may_be_k_and_v_is_refused():
+    """``[2, 2r, ...]``: K and V first, each block split into r kernel blocks, with no other
+    dimension of 2. Taken as blocks-first, "block 1" would be the whole V half."""
+    kv_first = FakeTensor(0x100000, (2, 8, 16, 8, 128), element_size=2, device_index=0)
+    with pytest.raises(ValueError, match="layer l0: .*ambiguous"):
+        layouts_of_runner(_runner({"l0": kv_first}, num_blocks=2))
+    # An odd second dimension cannot be K and V first with 2 blocks: blocks-first, read so.
+    blocks_first = FakeTensor(0x100000, (2, 3, 16, 8, 128), element_size=2, device_index=0)
+    (layout,), _ = layouts_of_runner(_runner({"l0": blocks_first}, num_blocks=2))
+    assert layout.block_bytes == 3 * 16 * 8 * 128 * 2
+
+
 def test_a_runner_without_kv_blocks_is_refused_naming_the_count():
     runner = _runner({"l0": _layer(0x100000)}, num_blocks=0)
     with pytest.raises(ValueError, match="num_blocks is 0"):
@@ -539,7 +551,10 @@ def test_the_library_reports_the_gates_scope_the_connector_check_reads(memory):
         (NS(kv_connector="LMCacheConnectorV1", kv_role="kv_both"), "tenant", True),
         (NS(kv_connector="NixlConnector", kv_role="kv_consumer"), "tenant", True),
         (NS(kv_connector="Custom"), "tenant", True),  # no role: may load
-        (NS(kv_connector="NixlConnector", kv_role="kv_producer"), "tenant", False),  # reads only
+        # A producer may still load: NixlConnector loads what a request's kv_transfer_params
+        # name whatever its role.
+        (NS(kv_connector="NixlConnector", kv_role="kv_producer"), "tenant", True),
+        (NS(kv_connector="NixlConnector", kv_role="kv_producer"), "request", False),
         (NS(kv_connector="LMCacheConnectorV1", kv_role="kv_both"), "request", False),
         (NS(kv_connector="LMCacheConnectorV1", kv_role="kv_both"), None, True),  # scope unknown
     ],
