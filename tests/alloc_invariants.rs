@@ -354,14 +354,48 @@ fn inv7_size_mismatch_is_reported_and_table_wins() {
     f.assert_balanced();
 }
 
-/// Fail-closed mode: a verification failure aborts the process (run in a child process).
+/// A sink that says on stdout, when flushed (before a fail-closed abort), the kinds of the
+/// events emitted so far.
+struct SayOnFlush(std::sync::Arc<kvhygiene::events::MemorySink>);
+
+impl kvhygiene::events::EventSink for SayOnFlush {
+    fn emit(&self, event: kvhygiene::events::Event) {
+        self.0.emit(event);
+    }
+
+    fn flush(&self) {
+        use std::io::Write;
+        let kinds: Vec<String> = self
+            .0
+            .snapshot()
+            .iter()
+            .map(|e| match &e.kind {
+                EventKind::PolicyViolation { policy, .. } => format!("policy_violation:{policy}"),
+                kind => kind.name().to_string(),
+            })
+            .collect();
+        println!("KVH-FLUSHED {}", kinds.join(","));
+        let _ = std::io::stdout().flush();
+    }
+}
+
+/// Fail-closed mode: a verification failure aborts the process (run in a child process),
+/// once its records, the `failure_mode` violation last, were flushed.
 #[test]
 fn failure_mode_abort_aborts_after_logging() {
     if std::env::var_os("KVH_TEST_ABORT_CHILD").is_some() {
-        let f = Fixture::new(Config {
+        let config = Config {
             failure_mode: FailureMode::Abort,
             ..manual_config()
-        });
+        };
+        let backend = common::TestBackend::new(HostBackend::new());
+        let said = kvhygiene::events::MemorySink::new();
+        let sink = std::sync::Arc::new(SayOnFlush(said.clone()));
+        let f = Fixture {
+            alloc: kvhygiene::alloc::Allocator::new(backend.clone(), config, Some(sink)),
+            backend,
+            sink: said,
+        };
         let a = f.malloc_zeroed(4096, 0, 0);
         f.write(0, a, &secret(4096, 1));
         f.backend.inject_fault_next();
@@ -383,6 +417,18 @@ fn failure_mode_abort_aborts_after_logging() {
     assert!(!out.status.success(), "child must abort");
     assert!(!stdout.contains("KVH-CHILD-SURVIVED"), "{stdout}");
     assert!(stderr.contains("failure_mode=abort"), "{stderr}");
+    // Flushed before the abort: the failed verification, the quarantine, then the violation.
+    let flushed = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("KVH-FLUSHED "))
+        .unwrap_or_else(|| panic!("nothing was flushed before the abort: {stdout}"));
+    let kinds: Vec<&str> = flushed.split(',').collect();
+    assert_eq!(
+        kinds.last(),
+        Some(&"policy_violation:failure_mode"),
+        "{flushed}"
+    );
+    assert!(kinds.contains(&"verify_failed"), "{flushed}");
 }
 
 /// Quarantined blocks are accounted for and the tenant of the owner is on every event.

@@ -1225,3 +1225,38 @@ fn the_shut_down_reason_spells_the_value_of_the_snapshot() {
         reasons[0]
     );
 }
+
+/// The series of every failed control, named here rather than taken from the gate's own list,
+/// so that a series dropped from that list fails this test.
+const FAILED_CONTROL_SERIES: [&str; 6] = [
+    "kvh_verifications_total{result=\"failed\"}",
+    "kvh_residue_detected_total",
+    "kvh_rescrub_failures_total",
+    "kvh_kv_failed_blocks_total",
+    "kvh_log_records_lost_total",
+    "kvh_async_error",
+];
+
+#[test]
+fn each_failed_control_alone_evicts_naming_its_series() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    snapshot(&f, Duration::ZERO, |_| {}, &[]);
+    let healthy = std::fs::read_to_string(&f).unwrap();
+    let (code, out, err) = gate(&f, &[]);
+    assert_eq!(code, 0, "the healthy snapshot is admitted: {out}{err}");
+    for series in FAILED_CONTROL_SERIES {
+        let zero = format!("\n{series} 0\n");
+        assert!(
+            healthy.contains(&zero),
+            "{series} is not in the snapshot at 0"
+        );
+        std::fs::write(&f, healthy.replace(&zero, &format!("\n{series} 3\n"))).unwrap();
+        let (code, out, err) = gate(&f, &[]);
+        assert_eq!(code, 1, "{series} = 3 was not evicted: {out}{err}");
+        assert!(out.starts_with("EVICT"), "{series}: {out}");
+        // Named by the metric (the check's line says which sample: "scrub verifications failed").
+        let metric = series.split('{').next().unwrap_or(series);
+        assert!(out.contains(&format!("{metric} = 3")), "{series}: {out}");
+    }
+}

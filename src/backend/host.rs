@@ -606,25 +606,43 @@ mod tests {
     /// high bit set is zeroed and verified like any other, at the positions of that seed.
     #[test]
     fn a_seed_with_the_high_bit_set_is_scrubbed_like_any_other() {
+        use crate::backend::verify::verify_bytes;
+        const LEN: usize = 8192;
+        const HIGH: u64 = 1 << 63;
         let b = HostBackend::new();
-        let a = b.allocate(0, 1024).unwrap();
-        b.write(0, a, &[0x5A; 1024]).unwrap();
-        let seed = (1u64 << 63) | 9;
-        let mut sampled = batch(0, a, 1024, seed);
+        let a = b.allocate(0, LEN as u64).unwrap();
+        b.write(0, a, &[0x5A; LEN]).unwrap();
+        let mut back = vec![1u8; LEN];
+        let mut sampled = batch(0, a, LEN as u64, HIGH | 9);
         sampled.options.full_verify = false;
         let r = submit(&b, sampled).wait().unwrap();
-        let mut back = vec![1u8; 1024];
         b.read(0, a, &mut back).unwrap();
         let dirty = back.iter().filter(|&&x| x != 0).count();
         assert_eq!(
             dirty, 0,
             "{dirty} bytes left non-zero by a scrub no fault was injected into"
         );
-        assert_eq!(
-            r[0],
-            crate::backend::verify::verify_bytes(&back, seed, 64, false)
-        );
+        assert_eq!(r[0], verify_bytes(&back, HIGH | 9, 64, false));
         assert_eq!(r[0].nonzero, 0);
-        b.release(0, a, 1024).unwrap();
+        // At the positions of that seed: with its second half left dirty by the fault
+        // injector, a seed whose high bit moves the sample of the stratum the half splits
+        // counts another number of dirty samples than the same seed without it.
+        let mut model = vec![0u8; LEN];
+        model[LEN / 2..].fill(RESIDUE);
+        let seed = (0..1000u64)
+            .map(|low| HIGH | low)
+            .find(|&s| {
+                verify_bytes(&model, s, 64, false) != verify_bytes(&model, s & !HIGH, 64, false)
+            })
+            .expect("some seed's high bit moves a sample across the middle");
+        b.write(0, a, &[0x5A; LEN]).unwrap();
+        b.inject_skip_tail(1);
+        let mut sampled = batch(0, a, LEN as u64, seed);
+        sampled.options.full_verify = false;
+        let r = submit(&b, sampled).wait().unwrap();
+        b.read(0, a, &mut back).unwrap();
+        assert_eq!(back, model, "the injector leaves the second half dirty");
+        assert_eq!(r[0], verify_bytes(&back, seed, 64, false));
+        b.release(0, a, LEN as u64).unwrap();
     }
 }
