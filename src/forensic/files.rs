@@ -13,6 +13,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use super::ForensicError;
+use crate::fork_closed::ForkClosed;
 
 /// A parsed chain file name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -866,16 +867,24 @@ impl LogDir {
     }
 
     /// Creates the chain file `name`, as [`create_file`] does, in this directory.
-    pub fn create_file(&self, name: &str) -> Result<File, ForensicError> {
+    pub(crate) fn create_file(&self, name: &str) -> Result<ForkClosed<File>, ForensicError> {
         self.create_named(name, "log file")
     }
 
     /// [`LogDir::create_file`] for a file of another kind (`what`, as errors name it).
-    pub fn create_named(&self, name: &str, what: &str) -> Result<File, ForensicError> {
+    ///
+    /// Closed in a child forked from the moment it is opened: the lock taken below belongs to
+    /// the open file description, which a child keeps with the descriptor, so a child forked
+    /// before the caller is done with the file (its fsyncs and reservations) would otherwise
+    /// hold the chain's lock for as long as it lives.
+    pub(crate) fn create_named(
+        &self,
+        name: &str,
+        what: &str,
+    ) -> Result<ForkClosed<File>, ForensicError> {
         let path = self.path.join(name);
         let flags = libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_EXCL;
-        let f = self
-            .open_at(name, flags, 0o600)
+        let f = ForkClosed::open(|| self.open_at(name, flags, 0o600))
             .map_err(|e| io_err(&path, &format!("cannot create {what}"), e))?;
         // From here the file is ours (O_EXCL): one refused below is removed, so that the next
         // rotation can create it again rather than find it there for good.
@@ -1381,10 +1390,45 @@ mod log_dir_tests {
         assert!(LogDir::open(&link).is_err(), "a symlink followed");
         // Files made, read back, renamed and removed relative to the handle.
         let mut f = d.create_file("a").unwrap();
-        std::io::Write::write_all(&mut f, b"x\n").unwrap();
+        std::io::Write::write_all(&mut *f, b"x\n").unwrap();
         assert_eq!(d.read_regular("a", 10).unwrap(), b"x\n");
         d.rename("a", "b").unwrap();
         d.remove("b").unwrap();
         assert!(d.read_regular("b", 10).is_err());
+    }
+
+    /// A chain file is closed in a child forked at any moment after its creation, before the
+    /// writer is done with it (its fsyncs, its reservation) included: the child would keep
+    /// the file's lock, and with it the chain from crash recovery, for as long as it lives.
+    #[test]
+    fn a_file_just_created_is_closed_in_a_child_forked_at_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        DirBuilder::new().mode(0o700).create(&dir).unwrap();
+        let d = LogDir::open(&dir).unwrap();
+        let f = d.create_file("kvh-p1-t1-000000.jsonl").unwrap();
+        let fd = f.as_raw_fd();
+        // SAFETY: the child only asks whether a descriptor is open (fcntl), then leaves with
+        // `_exit`, never returning into the test harness.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: F_GETFD reads a descriptor's flags; -1 (EBADF) when it is not open.
+            let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1;
+            // SAFETY: ends the child without running the parent's handlers or destructors.
+            unsafe { libc::_exit(i32::from(open)) };
+        }
+        let mut status = 0;
+        // SAFETY: `pid` is this test's child; `status` is a valid out-pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the child kept the chain file it inherited open: {status}"
+        );
+        // The parent's file is as it was: still locked by this process.
+        assert!(!try_lock(
+            &open_existing(&dir.join("kvh-p1-t1-000000.jsonl")).unwrap()
+        ));
+        drop(f);
     }
 }

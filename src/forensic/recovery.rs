@@ -18,13 +18,16 @@ use super::lines::{Line, Lines};
 use super::record::{chain_hash_open, mac_hex_verifies, parse_hash};
 use super::scan::scan;
 use super::ForensicError;
+use crate::fork_closed::ForkClosed;
 
 /// A crashed chain, locked by us, ready to continue.
 pub struct Adopted {
     pub chain: String,
     pub index: u64,
     pub path: PathBuf,
-    pub file: File,
+    /// Closed in a child forked while it is open: its lock, which a child keeps with the
+    /// descriptor, would make the chain read as live after this process died.
+    pub(crate) file: ForkClosed<File>,
     /// Length of the file up to its last whole record: where the continuation goes.
     pub len: u64,
     /// The bytes after `len`: a record the crash tore. They are still in the file: the
@@ -310,7 +313,7 @@ pub fn adopt(
         let Some((index, path)) = list.last() else {
             continue;
         };
-        let file = match files::open_existing(path) {
+        let file = match ForkClosed::open(|| files::open_existing(path)) {
             Ok(f) => f,
             Err(_) if files::is_missing(path) => continue,
             Err(e) => match files::unwritable_chain_file(path) {
@@ -348,7 +351,7 @@ pub fn adopt(
         let inodes_unreliable = names_another_file(path, &file);
         // A line at a time: the newest file may be as large as the rotation size, and this
         // runs in the inference process as it starts.
-        let newest = Survey::of(continued_lines(&file, u64::MAX))
+        let newest = Survey::of(continued_lines(&*file, u64::MAX))
             .map_err(|e| files::io_err(path, "cannot read", e))?;
         if *index == 0 && !newest.any_line {
             // Only what could be a torn `start` record, of a chain no checkpoint covers: a
@@ -424,7 +427,7 @@ pub fn adopt(
         // The links were read from the start: the writer appends (O_APPEND), but a write
         // made while appending is off must not land on records, so the offset goes back to
         // the end, where reading the whole file had left it.
-        (&file)
+        (&*file)
             .seek(SeekFrom::End(0))
             .map_err(|e| files::io_err(path, "cannot seek", e))?;
         // A torn tail is written over in place, with appending turned off for a moment; a

@@ -222,8 +222,7 @@ impl ChainWriter {
             Some(a) => (
                 a.chain.clone(),
                 a.index,
-                a.file
-                    .try_clone()
+                ForkClosed::open(|| a.file.try_clone())
                     .map_err(|e| files::io_err(&a.path, "dup", e))?,
                 a.len,
                 a.last_seq + 1,
@@ -243,7 +242,7 @@ impl ChainWriter {
             log_dir,
             chain,
             index,
-            file: ForkClosed::new(file),
+            file,
             file_len,
             reserved_to: 0,
             // Within the file size limit from the first record: a chain taken over whose file
@@ -1168,7 +1167,7 @@ impl ChainWriter {
             return Err(e);
         }
         self.give_back_room();
-        self.file = ForkClosed::new(file); // the old file (and its lock) is released here
+        self.file = file; // the old file (and its lock) is released here
         self.index += 1;
         self.file_len = 0;
         self.reserved_to = room;

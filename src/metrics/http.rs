@@ -130,7 +130,7 @@ impl Server {
         limits: Limits,
         name: &str,
     ) -> Result<Server, StartError> {
-        let listener = ForkClosed::new(TcpListener::bind(addr).map_err(StartError::Listen)?);
+        let listener = ForkClosed::open(|| TcpListener::bind(addr)).map_err(StartError::Listen)?;
         let addr = listener.local_addr().map_err(StartError::Listen)?;
         // Never blocking: the thread waits in `poll`, and `accept` must not hang it.
         listener.set_nonblocking(true).map_err(StartError::Listen)?;
