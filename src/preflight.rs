@@ -131,6 +131,7 @@ pub fn preflight(config: &Config, start_backend: bool) -> Preflight {
         }
     });
     metrics_checks(config, &mut checks);
+    checks.extend(file_size_limit_check(config, files::file_size_limit()));
     Preflight {
         ready: checks.iter().all(|c| c.status != Status::Fail),
         config_digest: StartInfo::current(config.canonical_json()).config_digest(),
@@ -748,6 +749,71 @@ fn metrics_checks(config: &Config, out: &mut Vec<Check>) {
             ),
         });
     }
+}
+
+/// The smallest file size limit under which the metrics export writes its snapshots: twice
+/// the size of an idle process's snapshot (about 14 KiB; the families do not grow with the
+/// devices, which are summed), leaving room for its counters' digits to grow.
+fn min_metrics_file_size_limit() -> u64 {
+    let mut stats = crate::stats::Stats::merge("cuda".into(), &[Default::default()], None);
+    stats.log = serde_json::to_value(crate::forensic::LogStats::disabled()).ok();
+    stats.anomaly = serde_json::to_value(crate::anomaly::AnomalyStats::disabled()).ok();
+    let idle = crate::metrics::encode::encode_labelled(
+        &stats,
+        &crate::metrics::ExporterStats::default(),
+        std::time::SystemTime::now(),
+        &[("pid", "4194303")],
+    );
+    2 * idle.len() as u64
+}
+
+/// The file size limit (`ulimit -f`, `RLIMIT_FSIZE`), when one is set and a file is written:
+/// a write past it fails (EFBIG), so a limit below what a log file or a metrics snapshot
+/// needs loses records or every snapshot. `limit` is this process's, which a server started
+/// in the same environment inherits.
+fn file_size_limit_check(config: &Config, limit: Option<u64>) -> Option<Check> {
+    let limit = limit?;
+    let mut needs = Vec::new();
+    if config.log.dir.is_some() {
+        needs.push(("forensic log files", crate::forensic::MIN_FILE_SIZE_LIMIT));
+    }
+    if config.metrics.file.is_some() {
+        needs.push(("metrics snapshots", min_metrics_file_size_limit()));
+    }
+    if needs.is_empty() {
+        return None;
+    }
+    let short: Vec<String> = needs
+        .iter()
+        .filter(|(_, need)| limit < *need)
+        .map(|(what, need)| format!("{what} need at least {}", size_said(*need)))
+        .collect();
+    Some(if short.is_empty() {
+        check(
+            "file size limit",
+            Status::Ok,
+            format!(
+                "{} (ulimit -f): enough for the {}",
+                size_said(limit),
+                needs
+                    .iter()
+                    .map(|(what, _)| *what)
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            ),
+        )
+    } else {
+        check(
+            "file size limit",
+            Status::Fail,
+            format!(
+                "{} (ulimit -f) is too small: {}; a write past it fails, losing records or \
+                 every snapshot (raise it, or run without the limit)",
+                size_said(limit),
+                short.join(", ")
+            ),
+        )
+    })
 }
 
 /// The largest pid this system hands out (`/proc/sys/kernel/pid_max` less one; Linux's

@@ -1987,3 +1987,115 @@ fn a_log_file_system_full_but_for_roots_reserve_fails_and_names_the_reserve() {
         "{detail}"
     );
 }
+
+/// `command` run with the file size limit (`RLIMIT_FSIZE`) at `bytes`, as `ulimit -f` sets
+/// it for a server and everything it starts.
+fn with_file_size_limit(mut command: Command, bytes: u64) -> Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls setrlimit,
+    // which is async-signal-safe, on a limit it builds on its stack.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        })
+    };
+    command
+}
+
+/// A file size limit too small for a log file fails the check, as the start-up fails on its
+/// first record; one that holds a log file and a snapshot passes, as the start-up writes
+/// both.
+#[test]
+fn a_file_size_limit_the_log_cannot_write_under_fails_as_the_start_up_does() {
+    let env = Env::new();
+    let small = with_file_size_limit(env.command(&["preflight", "--json"]), 4096);
+    let (code, out, err) = run(&mut { small });
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    assert_eq!(code, 1, "{report}");
+    let (st, detail) = status(&report, "file size limit");
+    assert_eq!(st, "fail", "{report}");
+    assert!(
+        detail.contains("forensic log files need at least 8.0 KiB")
+            && detail.contains("metrics snapshots need"),
+        "{detail}"
+    );
+    let (code, _, err) = run(&mut with_file_size_limit(env.command(&START), 4096));
+    assert_ne!(
+        code, 0,
+        "the start-up wrote its log under a 4 KiB limit: {err}"
+    );
+
+    let env = Env::new();
+    let roomy = 1 << 20;
+    let (code, out, err) = run(&mut with_file_size_limit(
+        env.command(&["preflight", "--json"]),
+        roomy,
+    ));
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(status(&report, "file size limit").0, "ok", "{report}");
+    let (code, _, err) = run(&mut with_file_size_limit(env.command(&START), roomy));
+    assert_eq!(code, 0, "the start-up failed under a 1 MiB limit: {err}");
+    assert!(!chain_files_in(&env.root().join("log/chains")).is_empty());
+    // Without a limit there is nothing to check.
+    let (_, report) = Env::new().preflight(&[]);
+    assert!(
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["check"] != "file size limit"),
+        "{report}"
+    );
+}
+
+/// A relative log directory or metrics file whose working directory was removed: nothing
+/// can be created there, though the directory still answers `stat` as writable. Both checks
+/// fail, as the start-up fails to create the log directory.
+#[test]
+fn relative_paths_under_a_removed_working_directory_fail_as_the_start_up_does() {
+    use std::os::unix::process::CommandExt;
+    let mut env = Env::new();
+    env.set("KVH_LOG_DIR", "logs");
+    env.set("KVH_METRICS_FILE", "kvh.prom");
+    let in_removed = |args: &[&str]| {
+        let gone = env.root().join("gone");
+        fs::create_dir(&gone).unwrap();
+        let path = std::ffi::CString::new(gone.as_os_str().as_encoded_bytes()).unwrap();
+        let mut c = env.command(args);
+        c.current_dir(&gone);
+        // SAFETY: runs in the forked child before exec, after it moved into `gone`, and only
+        // calls rmdir (async-signal-safe) on a path built before the fork.
+        unsafe {
+            c.pre_exec(move || {
+                if libc::rmdir(path.as_ptr()) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            })
+        };
+        c
+    };
+    let (code, out, err) = run(&mut in_removed(&["preflight", "--json"]));
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    assert_eq!(code, 1, "{report}");
+    for check in ["log directory", "metrics file"] {
+        let (st, detail) = status(&report, check);
+        assert_eq!(st, "fail", "{check}: {report}");
+        assert!(detail.contains("was removed"), "{check}: {detail}");
+    }
+    let (code, _, err) = run(&mut in_removed(&START));
+    assert_eq!(
+        code, 2,
+        "the start-up got past a removed working directory: {err}"
+    );
+}

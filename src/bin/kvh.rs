@@ -312,7 +312,7 @@ config loads it; KVH_PRELOAD and the FORENSIC_HMAC_SECRET length, which kvh conf
 judges, are checks of their own here), the HMAC key (KVH_HMAC_KEY_FILE or FORENSIC_HMAC_SECRET: read, owner and mode), the \
 log directory (usable as it is: ours, 0700, writable, each chain's newest file as crash \
 recovery opens it; or creatable in its parent; at least 1 MiB and 16 files left on its file \
-system; its chains sealed as the policy seals, with an HMAC key or without), the signing key (and PREFIX.pub beside it, when there, as its public half) and the checkpoint directory (with the same room), the metrics file's directory (writable) and address (free), and the \
+system; its chains sealed as the policy seals, with an HMAC key or without), the signing key (and PREFIX.pub beside it, when there, as its public half) and the checkpoint directory (with the same room), the metrics file's directory (writable) and address (free), the file size limit (ulimit -f: room for a log file and a snapshot), and the \
 backend KVH_BACKEND names (started and shut down: on a GPU, a CUDA context for a moment; \
 KVH_BACKEND=auto without a CUDA driver here is skipped, not ok: the server's CUDA backend was \
 not checked). It \

@@ -161,6 +161,9 @@ pub fn is_missing(path: &Path) -> bool {
 /// which leaves nothing behind; where the file system cannot make one, the creation the
 /// caller makes tells.
 pub(crate) fn may_write(dir: &Path) -> bool {
+    if is_removed_dir(dir) {
+        return false;
+    }
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
         return false;
     };
@@ -186,6 +189,11 @@ pub(crate) fn may_write(dir: &Path) -> bool {
 /// Why [`may_write`] said no of `dir`, after its name: "is not writable by this process's
 /// uid 0", or that it is one of the kernel's interface file systems.
 pub(crate) fn unwritable_said(dir: &Path) -> String {
+    if is_removed_dir(dir) {
+        return "was removed (the working directory, for a relative path): nothing can be \
+                created in it"
+            .to_string();
+    }
     let kernel =
         std::ffi::CString::new(dir.as_os_str().as_bytes()).is_ok_and(|c| on_kernel_interface(&c));
     if kernel {
@@ -195,6 +203,18 @@ pub(crate) fn unwritable_said(dir: &Path) -> String {
     } else {
         format!("is not writable by this process's uid {}", euid())
     }
+}
+
+/// Whether `dir` is a directory that was removed while something still refers to it: the
+/// working directory, through a relative path. It still answers `stat` and `faccessat` as it
+/// was, but an entry created in it fails (ENOENT). Told by its link count (0 once removed),
+/// and for a relative path by `getcwd`, which fails for a removed working directory even on
+/// file systems whose directories' link counts say nothing (btrfs keeps them at 1).
+fn is_removed_dir(dir: &Path) -> bool {
+    let unlinked = fs::metadata(dir).is_ok_and(|m| m.is_dir() && m.nlink() == 0);
+    let cwd_gone = dir.is_relative()
+        && std::env::current_dir().is_err_and(|e| e.kind() == io::ErrorKind::NotFound);
+    unlinked || cwd_gone
 }
 
 /// Whether `dir` lies on one of the kernel's interface file systems (`/proc`, `/sys`, cgroups,

@@ -45,6 +45,7 @@ use crate::events::{
 
 use record::{Field, Fields};
 pub use verify::{verify_all, Report, SealKey, VerifyOptions};
+pub use writer::MIN_FILE_SIZE_LIMIT;
 
 /// Errors of opening or running the log.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
