@@ -125,8 +125,11 @@ extern "C" {
 // Every byte of the returned memory reads zero. `size == 0` returns NULL without error.
 // On failure (also when the runtime could not start): with the policy's `oom = "throw"`
 // (`KVH_OOM` or the `KVH_CONFIG` file; the default) throws `std::bad_alloc`, having said why
-// on stderr (the first 16 failures of a process: `std::bad_alloc` carries no reason); with
-// `oom = "null"` returns NULL. The last error is set in both modes.
+// on stderr (the first 16 failures of a process); its `what()` says why too, which PyTorch
+// raises as a `RuntimeError` of that text, starting "CUDA out of memory." for an
+// out-of-memory as PyTorch's own message does (not `torch.OutOfMemoryError`, which only
+// c10's own error type becomes). With `oom = "null"` returns NULL. The last error is set in
+// both modes.
 //
 // `stream` is recorded on the block: the block's scrub after its free waits for it, so it must
 // stay valid until then, or until `kvh_forget_stream` was called for it.
@@ -356,6 +359,18 @@ int kvh_synchronize(void);
 // `kvh_last_error_message`. For a launcher that forks its workers afterwards (each starts its
 // own allocator; a child forked after `kvh_init` could not): it checks the policy first.
 int kvh_check_config(void);
+
+// Sets `*throws` to 1 when a failed `kvh_malloc` throws (`oom = "throw"`, the default) under
+// the policy this process runs with, or would start with before it started, and to 0 when
+// it returns NULL (`oom = "null"`). Nothing is started. For a caller that must not get NULL
+// (PyTorch, which does not check `kvh_malloc`'s result: `kvhygiene.install()` refuses
+// `null`).
+//
+// Returns `KVH_OK`; `KVH_ERR_NULL_PARAMETER` when `throws` is NULL; `KVH_ERR_CONFIG`, with the
+// message naming the key, when the policy is invalid (`*throws` is left as it was).
+//
+// Ownership: `throws` is NULL or valid for writing one `int`, the caller's.
+int kvh_oom_throws(int *throws);
 
 // Starts the allocator now (reading the configuration) instead of at the first call, so a
 // bad configuration is reported where it can be handled. Returns `KVH_OK`, or with the

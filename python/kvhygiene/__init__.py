@@ -340,6 +340,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "kvh_shutdown": (None, []),
         "kvh_init": (ctypes.c_int, []),
         "kvh_check_config": (ctypes.c_int, []),
+        "kvh_oom_throws": (ctypes.c_int, [ctypes.POINTER(ctypes.c_int)]),
     }
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(lib, name)
@@ -1813,8 +1814,10 @@ def _refuse_graph_capture(torch) -> None:
     the capture starts, the error is clear and leaves no stream capturing. The context manager
     ``torch.cuda.graph`` is refused on entry too: it makes its side stream current before it
     calls ``capture_begin``, and a ``with`` whose entry raises never leaves that stream, so
-    a caller that caught the error would go on running on it. A build without the class is
-    left as it is.
+    a caller that caught the error would go on running on it. The device-generic
+    ``torch.accelerator.Graph`` of newer releases, which captures through its own binding
+    rather than through ``CUDAGraph``, is refused the same way (its ``capture_begin``, and its
+    entry as a context manager). A build without a class is left as it is.
     """
 
     def refuse(*args, **kwargs):
@@ -1822,10 +1825,33 @@ def _refuse_graph_capture(torch) -> None:
 
     refuse._kvhygiene_refusal = True
     graph = getattr(torch.cuda, "CUDAGraph", None)
-    for cls, name in ((graph, "capture_begin"), (getattr(torch.cuda, "graph", None), "__enter__")):
+    accelerator_graph = getattr(getattr(torch, "accelerator", None), "Graph", None)
+    for cls, name in (
+        (graph, "capture_begin"),
+        (getattr(torch.cuda, "graph", None), "__enter__"),
+        (accelerator_graph, "capture_begin"),
+        (accelerator_graph, "__enter__"),
+    ):
         method = getattr(cls, name, None) if isinstance(cls, type) else None
         if method is not None and not getattr(method, "_kvhygiene_refusal", False):
             setattr(cls, name, refuse)
+
+
+def _refuse_null_on_failure(lib) -> None:
+    """Refuses (:class:`KvhError`, ``KVH_ERR_CONFIG``) a policy whose ``kvh_malloc`` returns
+    NULL on failure (``oom = "null"``, for C engines): PyTorch does not check the result, and
+    would hand out a tensor at address 0, whose first kernel faults and takes the process's
+    CUDA context, and every tenant's requests, with it."""
+    throws = ctypes.c_int(1)
+    _check("kvh_oom_throws", lib.kvh_oom_throws(ctypes.byref(throws)))
+    if not throws.value:
+        raise KvhError(
+            "kvhygiene.install",
+            KVH_ERR_CONFIG,
+            'the policy sets oom = "null" (KVH_OOM or the KVH_CONFIG file): a failed '
+            "allocation would return NULL, which PyTorch does not check and would use as "
+            "device memory; under PyTorch leave KVH_OOM unset or set it to throw (the default)",
+        )
 
 
 def install(path: Optional[str] = None):
@@ -1845,7 +1871,8 @@ def install(path: Optional[str] = None):
     not kvhygiene's),
     ``RuntimeError`` when this PyTorch build lacks the record-stream hook or CUDA (a CPU-only
     build), and
-    :class:`KvhError` for an invalid configuration (the message names the key). The allocator
+    :class:`KvhError` for an invalid configuration (the message names the key) or one whose
+    failed allocation returns NULL (``oom = "null"``, which PyTorch would use). The allocator
     itself starts at the first allocation, in the process that makes it: the files and
     directories the policy names (keys, log directory) are opened then, and a start-up that
     fails makes that allocation fail (the reason on stderr). ``kvh preflight`` checks them
@@ -1882,6 +1909,7 @@ def install(path: Optional[str] = None):
         code = lib.kvh_check_config()
         if code != KVH_OK:
             raise _error("kvh_check_config", code)
+        _refuse_null_on_failure(lib)
         try:
             allocator = torch.cuda.memory.CUDAPluggableAllocator(
                 _lib_path, "kvh_malloc", "kvh_free"

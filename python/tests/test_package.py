@@ -314,9 +314,25 @@ def _fake_torch(initialized=False, reserved=0, with_reset=True, with_stats_calls
         def __exit__(self, *exc):
             state["stream"] = "default"
 
+    class AcceleratorGraph:
+        """torch.accelerator.Graph: captures through its own binding, not CUDAGraph's; as a
+        context manager, empties the cache and begins the capture."""
+
+        def capture_begin(self, *args, **kwargs):
+            state["accelerator captured"] = True
+
+        def __enter__(self):
+            state["accelerator cache emptied"] = True
+            self.capture_begin()
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
     cuda.CUDAGraph = CUDAGraph
     cuda.graph = graph
     torch.cuda = cuda
+    torch.accelerator = types.SimpleNamespace(Graph=AcceleratorGraph)
     return torch, state
 
 
@@ -374,6 +390,26 @@ def test_install_registers_record_stream_and_reset_hooks(fresh):
         "reset": addr("kvh_empty_cache"),
     }
     assert kvhygiene.install(LIB) is alloc, "a second install is a no-op"
+
+
+@needs_lib
+def test_install_refuses_a_policy_whose_failed_allocation_returns_null(fresh):
+    # PyTorch does not check kvh_malloc's result: under oom = "null" it would hand out a tensor
+    # at address 0. The policy's mode is asked of the library (kvh_oom_throws), which reads
+    # KVH_OOM and the KVH_CONFIG file as the start-up does.
+    torch, state = _fake_torch()
+    fresh.setitem(__import__("sys").modules, "torch", torch)
+    lib = kvhygiene.load(LIB)
+
+    def null_mode(throws):
+        throws._obj.value = 0
+        return kvhygiene.KVH_OK
+
+    fresh.setattr(lib, "kvh_oom_throws", null_mode)
+    with pytest.raises(kvhygiene.KvhError, match='oom = "null"') as e:
+        kvhygiene.install(LIB)
+    assert e.value.code == kvhygiene.KVH_ERR_CONFIG
+    assert state.get("changed") is None and not kvhygiene.installed()
 
 
 @needs_lib
@@ -521,6 +557,13 @@ def test_install_refuses_cuda_graph_capture_before_it_begins(fresh):
             pass
     assert "stream" not in state, "the graph's side stream was made current"
     assert "captured" not in state
+    # torch.accelerator.Graph, which does not go through CUDAGraph.
+    with pytest.raises(RuntimeError, match="enforce-eager"):
+        torch.accelerator.Graph().capture_begin()
+    with pytest.raises(RuntimeError, match="enforce-eager"):
+        with torch.accelerator.Graph():
+            pass
+    assert "accelerator captured" not in state and "accelerator cache emptied" not in state
 
 
 @needs_lib

@@ -85,8 +85,9 @@ fn ok() -> c_int {
 }
 
 extern "C-unwind" {
-    /// Defined in csrc/oom_shim.cpp: throws `std::bad_alloc`.
-    fn kvh_shim_throw_bad_alloc() -> !;
+    /// Defined in csrc/oom_shim.cpp: throws a `std::bad_alloc` whose `what()` is `what` (a
+    /// NUL-terminated text it copies before the throw; NULL: "std::bad_alloc").
+    fn kvh_shim_throw_bad_alloc(what: *const libc::c_char) -> !;
 }
 
 /// Allocates `size` bytes on `device` for use on `stream` (a `cudaStream_t`, or NULL for the
@@ -95,8 +96,11 @@ extern "C-unwind" {
 /// Every byte of the returned memory reads zero. `size == 0` returns NULL without error.
 /// On failure (also when the runtime could not start): with the policy's `oom = "throw"`
 /// (`KVH_OOM` or the `KVH_CONFIG` file; the default) throws `std::bad_alloc`, having said why
-/// on stderr (the first 16 failures of a process: `std::bad_alloc` carries no reason); with
-/// `oom = "null"` returns NULL. The last error is set in both modes.
+/// on stderr (the first 16 failures of a process); its `what()` says why too, which PyTorch
+/// raises as a `RuntimeError` of that text, starting "CUDA out of memory." for an
+/// out-of-memory as PyTorch's own message does (not `torch.OutOfMemoryError`, which only
+/// c10's own error type becomes). With `oom = "null"` returns NULL. The last error is set in
+/// both modes.
 ///
 /// `stream` is recorded on the block: the block's scrub after its free waits for it, so it must
 /// stay valid until then, or until `kvh_forget_stream` was called for it.
@@ -118,11 +122,44 @@ pub extern "C-unwind" fn kvh_malloc(
     let throw =
         throw.unwrap_or_else(|| std::panic::catch_unwind(oom_throws_by_env).unwrap_or(true));
     if ptr.is_null() && throw {
-        // SAFETY: the shim only throws; the unwind passes through this "C-unwind" frame, which
-        // holds no state needing cleanup, outside of any catch_unwind.
-        unsafe { kvh_shim_throw_bad_alloc() }
+        let what = std::panic::catch_unwind(|| thrown_text(size, device))
+            .ok()
+            .flatten();
+        let what_ptr = what.as_ref().map_or(std::ptr::null(), |w| w.as_ptr());
+        // SAFETY: the shim copies `what_ptr`'s text (NUL-terminated, alive in `what` until
+        // this frame ends) before it throws; the unwind passes through this "C-unwind" frame
+        // outside of any catch_unwind, dropping `what` as it goes.
+        unsafe { kvh_shim_throw_bad_alloc(what_ptr) }
     }
     ptr
+}
+
+/// The `what()` of the exception a failed `kvh_malloc` throws, from the thread's last error:
+/// PyTorch makes it the text of the `RuntimeError` it raises. An out-of-memory starts as
+/// PyTorch's own does ("CUDA out of memory."), which handlers that retry with less memory
+/// look for; no other failure does, so that they do not retry what would fail again. Cut to
+/// the 511 bytes the shim keeps, at a character's end (PyTorch decodes it as UTF-8). `None`
+/// (a plain `std::bad_alloc`) when the text cannot be a C string.
+fn thrown_text(size: libc::ssize_t, device: c_int) -> Option<std::ffi::CString> {
+    const KEPT: usize = 511;
+    let message = last_error_message();
+    let reason = message.strip_prefix("kvhygiene: ").unwrap_or(&message);
+    let mut text = if last_error_code() == KVH_ERR_OUT_OF_MEMORY as u32 {
+        format!(
+            "CUDA out of memory. Tried to allocate {size} bytes on device {device} \
+             (kvhygiene: {reason})"
+        )
+    } else {
+        format!("kvhygiene cannot allocate {size} bytes on device {device}: {reason}")
+    };
+    if text.len() > KEPT {
+        let end = (0..=KEPT)
+            .rev()
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(0);
+        text.truncate(end);
+    }
+    std::ffi::CString::new(text).ok()
 }
 
 /// Returns `(pointer, throw on failure)`.
@@ -165,8 +202,9 @@ fn malloc_inner(size: libc::ssize_t, device: c_int, stream: *mut c_void) -> (*mu
     }
 }
 
-/// Says on stderr why `kvh_malloc` is about to throw: PyTorch reports only `std::bad_alloc`,
-/// and the thread's last error is out of a Python caller's reach. The first few failures
+/// Says on stderr why `kvh_malloc` is about to throw: in the server's log, where a caller that
+/// catches the exception and goes on (or a C++ caller that prints no `what()`) leaves no
+/// trace, and the thread's last error is out of a Python caller's reach. The first few failures
 /// only, so that a caller that retries in a loop does not flood stderr. `capture`: the
 /// failure is a CUDA graph capture's refusal, which the message explains.
 #[cold]
@@ -866,6 +904,35 @@ pub extern "C" fn kvh_check_config() -> c_int {
     boundary(KVH_ERR_PANIC as c_int, || match policy_error() {
         None => ok(),
         Some(message) => fail(KVH_ERR_CONFIG, message),
+    })
+}
+
+/// Sets `*throws` to 1 when a failed `kvh_malloc` throws (`oom = "throw"`, the default) under
+/// the policy this process runs with, or would start with before it started, and to 0 when
+/// it returns NULL (`oom = "null"`). Nothing is started. For a caller that must not get NULL
+/// (PyTorch, which does not check `kvh_malloc`'s result: `kvhygiene.install()` refuses
+/// `null`).
+///
+/// Returns `KVH_OK`; `KVH_ERR_NULL_PARAMETER` when `throws` is NULL; `KVH_ERR_CONFIG`, with the
+/// message naming the key, when the policy is invalid (`*throws` is left as it was).
+///
+/// Ownership: `throws` is NULL or valid for writing one `int`, the caller's.
+#[no_mangle]
+pub extern "C" fn kvh_oom_throws(throws: *mut c_int) -> c_int {
+    boundary(KVH_ERR_PANIC as c_int, || {
+        if throws.is_null() {
+            return fail(KVH_ERR_NULL_PARAMETER, "throws is NULL");
+        }
+        let mode = match runtime::configured_oom() {
+            Some(mode) => mode,
+            None => match crate::config::Config::from_env() {
+                Ok(config) => config.oom,
+                Err(e) => return fail(KVH_ERR_CONFIG, format!("kvhygiene configuration: {e}")),
+            },
+        };
+        // SAFETY: `throws` is non-NULL and, by the caller's contract, valid for one write.
+        unsafe { *throws = c_int::from(mode == OomMode::Throw) };
+        ok()
     })
 }
 

@@ -319,8 +319,11 @@ def test_oom_throws_bad_alloc_in_throw_mode():
     assert proc.returncode != 0
     assert "survived" not in proc.stdout
     assert "bad_alloc" in proc.stderr
-    # PyTorch shows only "std::bad_alloc": the reason is said on stderr before the throw.
+    # The reason is said on stderr before the throw, and is the exception's what(), which
+    # PyTorch makes the RuntimeError's text: an out-of-memory in the words of PyTorch's own.
     assert "kvh_malloc throws std::bad_alloc: out of memory: 4611686018427387904 bytes" in proc.stderr, proc.stderr
+    what = "what():  CUDA out of memory. Tried to allocate 4611686018427387904 bytes on device 0 (kvhygiene: out of memory: "
+    assert what in proc.stderr, proc.stderr
 
 
 def test_a_throw_with_no_allocator_to_start_says_why():
@@ -344,6 +347,10 @@ def test_a_throw_with_no_allocator_to_start_says_why():
         assert "survived" not in proc.stdout
         said = [l for l in proc.stderr.splitlines() if "kvh_malloc throws std::bad_alloc: " in l]
         assert len(said) == 1 and reason in said[0], proc.stderr
+        # Not an out-of-memory: no handler retrying with less memory takes it for one.
+        what = [l for l in proc.stderr.splitlines() if "what():" in l]
+        assert len(what) == 1 and "kvhygiene cannot allocate 4096 bytes on device 0: " in what[0], proc.stderr
+        assert reason in what[0] and "out of memory" not in what[0], proc.stderr
 
 
 def test_start_up_says_once_when_no_forensic_log_is_kept(tmp_path):
@@ -1094,3 +1101,38 @@ def test_stats_after_a_shutdown_before_start_up_begin_as_the_header_shows():
         """
     )
     assert out["json"].startswith('{"started":false,"shut_down":true'), out
+
+
+def test_kvh_oom_throws_says_the_policys_mode_before_and_after_start_up(tmp_path):
+    body = """
+        throws = ctypes.c_int(7)
+        out["rc"] = lib.kvh_oom_throws(ctypes.byref(throws))
+        out["throws"] = throws.value
+        out["msg"] = text(lib.kvh_last_error_message) if out["rc"] else ""
+        out["null_rc"] = lib.kvh_oom_throws(None)
+        lib.kvh_free(lib.kvh_malloc(4096, 0, STREAM), 4096, 0, STREAM)  # started
+        started = ctypes.c_int(7)
+        out["started_rc"] = lib.kvh_oom_throws(ctypes.byref(started))
+        out["started"] = started.value
+        """
+    assert run_child(body, KVH_OOM="throw")["throws"] == 1
+    out = run_child(body, KVH_OOM="null")
+    assert (out["rc"], out["throws"], out["started_rc"], out["started"]) == (0, 0, 0, 0), out
+    assert out["null_rc"] == 7001, out
+    policy = tmp_path / "policy.toml"
+    policy.write_text('oom = "null"\n')
+    # The file's mode, with no KVH_OOM in the environment.
+    out = run_child('import os\nos.environ.pop("KVH_OOM")\n' + textwrap.dedent(body), KVH_CONFIG=str(policy))
+    assert out["throws"] == 0, out
+    # The environment's, over the file's.
+    assert run_child(body, KVH_OOM="throw", KVH_CONFIG=str(policy))["throws"] == 1
+    # An invalid policy: the key named, the answer left as it was.
+    invalid = """
+        throws = ctypes.c_int(7)
+        out["rc"] = lib.kvh_oom_throws(ctypes.byref(throws))
+        out["throws"] = throws.value
+        out["msg"] = text(lib.kvh_last_error_message)
+        """
+    out = run_child(invalid, KVH_OOM="sometimes")
+    assert (out["rc"], out["throws"]) == (7011, 7), out
+    assert "KVH_OOM" in out["msg"], out
