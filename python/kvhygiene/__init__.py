@@ -1750,7 +1750,8 @@ def _route_memory_stats(lib: ctypes.CDLL, torch) -> None:
     which are replaced here. A set a build lacks in part (a layout this does not know) is
     left as it is: those statistics raise there, as under any pluggable allocator.
 
-    ``torch.accelerator``'s functions first ask ``_accelerator_isAllocatorInitialized``, and
+    ``torch.accelerator``'s functions first ask ``_accelerator_isAllocatorInitialized`` (or, in
+    some builds, ``_accelerator_allocatorInitialized``), and
     its ``empty_cache`` calls ``_accelerator_emptyCache``: both go to the accelerator's
     registered device allocator, which PyTorch's allocator swap may leave being its own
     caching allocator, never initialised (then the statistics read empty and ``empty_cache``
@@ -1787,7 +1788,12 @@ def _route_memory_stats(lib: ctypes.CDLL, torch) -> None:
             for name, fn in route.items():
                 setattr(c, name, fn)
 
-    accelerator = (("_accelerator_isAllocatorInitialized", lambda: True), ("_accelerator_emptyCache", empty_cache))
+    accelerator = (
+        ("_accelerator_isAllocatorInitialized", lambda: True),
+        # The same question under the name some builds of torch/accelerator/memory.py ask.
+        ("_accelerator_allocatorInitialized", lambda: True),
+        ("_accelerator_emptyCache", empty_cache),
+    )
     for name, fn in accelerator:
         if hasattr(c, name):
             setattr(c, name, fn)

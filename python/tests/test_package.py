@@ -462,6 +462,7 @@ def test_install_makes_torch_accelerator_empty_cache_and_statistics_answer_when_
     torch._C._accelerator_resetPeakStats = lambda d: None
     torch._C._accelerator_resetAccumulatedStats = lambda d: None
     torch._C._accelerator_isAllocatorInitialized = lambda: False
+    torch._C._accelerator_allocatorInitialized = lambda: False  # the name some builds ask
     torch._C._accelerator_emptyCache = lambda: called.append("torch's own")
     fresh.setitem(__import__("sys").modules, "torch", torch)
     kvhygiene.install(LIB)
@@ -473,6 +474,7 @@ def test_install_makes_torch_accelerator_empty_cache_and_statistics_answer_when_
     kvhygiene.synchronize()
     assert kvhygiene.memory_stats(device)["reserved_bytes"]["all"]["current"] >= 2 << 20, "precondition: cached"
     assert torch._C._accelerator_isAllocatorInitialized() is True
+    assert torch._C._accelerator_allocatorInitialized() is True
     torch._C._accelerator_emptyCache()
     assert called == [], "torch.accelerator.empty_cache went to PyTorch's own allocator"
     assert kvhygiene.memory_stats(device)["reserved_bytes"]["all"]["current"] == 0, "the cached block was not returned"
