@@ -26,7 +26,8 @@
 //!   them: nothing was judged, which a readiness probe also takes as not ready), as every verb.
 //!
 //! Counters are per process and only grow, so an evicted process stays evicted until it is
-//! restarted: a control that failed once is not trusted again by itself.
+//! restarted: a control that failed once is not trusted again by itself. The gate keeps no
+//! state between runs: that holds while only the library writes the file.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -159,7 +160,7 @@ impl Verdict {
 }
 
 /// 1 once the allocator's shutdown (or process exit) began.
-const SHUT_DOWN: &str = "kvh_shut_down";
+pub(crate) const SHUT_DOWN: &str = "kvh_shut_down";
 
 /// Judges a snapshot (and a log report) as of `now`. Pure: everything it needs is passed in.
 pub fn judge(
@@ -609,12 +610,7 @@ fn write_processes_text(out: &mut impl Write, all: &ProcessesVerdict) -> std::io
         write_text(out, &p.verdict)?;
     }
     for g in &all.gone {
-        writeln!(
-            out,
-            "note: process {} is gone; its file {} is not judged (remove it)",
-            g.pid,
-            printable_path(&g.file)
-        )?;
+        writeln!(out, "{}", g.note("judged"))?;
     }
     Ok(())
 }

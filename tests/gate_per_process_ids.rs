@@ -176,6 +176,14 @@ fn a_file_whose_writer_identity_differs_is_not_judged_however_recent() {
         assert_eq!(code, 0, "{out}{err}");
         let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
         assert_eq!(v["gone"][0]["pid"], reused, "{out}");
+        // Named as an earlier holder's: the process with the id lives.
+        assert_eq!(v["gone"][0]["earlier_holder"], true, "{out}");
+        let (_, text, _) = run(kvh().args(["gate", "--metrics-file"]).arg(&pattern));
+        assert!(
+            text.contains(&format!("an earlier holder of process id {reused}"))
+                && !text.contains(&format!("process {reused} is gone")),
+            "{text}"
+        );
     }
 }
 

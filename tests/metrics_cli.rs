@@ -1247,8 +1247,9 @@ impl TwoProcesses {
         }
     }
 
-    /// Writes each process's file, `text(pid, now)` (a fresh snapshot timestamp first), and
-    /// checks the merge; an error must name both files (or processes).
+    /// Writes each process's file, `text(pid, now)` (a fresh snapshot timestamp and the series
+    /// every snapshot carries first), and checks the merge; an error must name both files (or
+    /// processes).
     fn merge(
         &self,
         low: impl Fn(u32) -> String,
@@ -1261,10 +1262,22 @@ impl TwoProcesses {
             .unwrap()
             .as_secs();
         for (pid, text) in [(self.low, low(self.low)), (self.high, high(self.high))] {
-            let stamp = format!(
+            let mut stamp = format!(
                 "# TYPE kvh_snapshot_timestamp_seconds gauge\n\
-                 kvh_snapshot_timestamp_seconds{{pid=\"{pid}\"}} {now}\n"
+                 kvh_snapshot_timestamp_seconds{{pid=\"{pid}\"}} {now}\n\
+                 kvh_verifications_total{{pid=\"{pid}\",result=\"failed\"}} 0\n"
             );
+            for series in [
+                "kvh_residue_detected_total",
+                "kvh_rescrub_failures_total",
+                "kvh_kv_failed_blocks_total",
+                "kvh_log_records_lost_total",
+                "kvh_async_error",
+                "kvh_shut_down",
+                "kvh_anomaly_enabled",
+            ] {
+                stamp += &format!("{series}{{pid=\"{pid}\"}} 0\n");
+            }
             let file = self.dir.path().join(format!("kvh-{pid}.prom"));
             std::fs::write(file, stamp + &text).unwrap();
         }
@@ -1363,5 +1376,64 @@ fn a_negative_snapshot_time_in_exponent_notation_is_named_as_written() {
     assert!(
         err.contains("is -1e-7,"),
         "the message names another spelling than the file's -1e-7: {err}"
+    );
+}
+
+/// A snapshot cut at a line end (a writer that is not atomic, a copy into the shared volume)
+/// still parses and has its time, but lacks the series the alerts read: served with a 200,
+/// those series would vanish and the alerts go quiet. It is answered 503, as a file that is
+/// not a snapshot, the missing series named on stderr.
+#[test]
+fn serve_metrics_refuses_a_snapshot_cut_short_at_a_line_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    write_snapshot(&f, Duration::ZERO, 0);
+    let whole = std::fs::read_to_string(&f).unwrap();
+    let side = sidecar(&f, &[]);
+    let get = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    assert_eq!(http(side.addr, get).0, 200);
+    // Cut just after the snapshot's time.
+    let at = whole.find("\nkvh_snapshot_timestamp_seconds ").unwrap();
+    let end = at + 1 + whole[at + 1..].find('\n').unwrap() + 1;
+    std::fs::write(&f, &whole[..end]).unwrap();
+    let (status, _, body) = http(side.addr, get);
+    assert_eq!((status, body.as_str()), (503, UNAVAILABLE));
+    // One series the alerts read gone: refused too.
+    let without: String = whole
+        .lines()
+        .filter(|l| !l.starts_with("kvh_residue_detected_total "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&f, without).unwrap();
+    assert_eq!(http(side.addr, get).0, 503);
+    std::fs::write(&f, &whole).unwrap();
+    assert_eq!(http(side.addr, get).0, 200);
+    let err = side.stderr();
+    assert!(
+        err.contains("kvh_residue_detected_total") && err.contains("cut short"),
+        "{err}"
+    );
+}
+
+/// The last snapshot of a process that is gone whose series collide with a live process's
+/// (a copy of the live one's file left under a gone process's id) is left out, not a reason
+/// to answer 503 for the live ones.
+#[test]
+fn serve_metrics_leaves_out_a_gone_processs_file_that_collides_with_a_live_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let pattern = dir.path().join("kvh-{pid}.prom");
+    let me = std::process::id();
+    let mine = dir.path().join(format!("kvh-{me}.prom"));
+    write_process_snapshot(&mine, me, Duration::ZERO, 0);
+    let gone = ended_pid();
+    std::fs::copy(&mine, dir.path().join(format!("kvh-{gone}.prom"))).unwrap();
+    let side = sidecar(&pattern, &["--max-age", "60"]);
+    let (status, _, body) = http(side.addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status, 200, "{body}\n{}", side.stderr());
+    let parsed = kvhygiene::metrics::parse::parse(&body).unwrap();
+    assert_eq!(
+        parsed.value("kvh_allocations_total", &[("pid", me.to_string().as_str())]),
+        Some(f64::from(me % 1000 + 1)),
+        "{body}"
     );
 }

@@ -392,7 +392,9 @@ process exports (KVH_METRICS_FILE) and, with --log-dir, its forensic log:
      5 s in the future (a clock stepped back fails probes until the next write), the log
      directory does not exist or cannot be read, or the report could not be written
 
-Counters only grow, so an evicted process stays evicted until it restarts.
+The library's counters only grow, so an evicted process stays evicted until it restarts. Each
+run judges the snapshot as it is, remembering nothing: a file whose counters went back
+without a restart (rewritten by something else) is judged as written.
 
 One file per process ({pid} in KVH_METRICS_FILE, as in a tensor-parallel engine): give the
 pattern, and the file of every live process of the probe's pid namespace is judged; one

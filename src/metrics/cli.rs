@@ -553,12 +553,7 @@ fn write_processes_text(
         write_text(out, snap, &p.report)?;
     }
     for g in &all.gone {
-        writeln!(
-            out,
-            "note: process {} is gone; its file {} is not checked (remove it)",
-            g.pid,
-            printable_path(&g.file)
-        )?;
+        writeln!(out, "{}", g.note("checked"))?;
     }
     let failed = all.processes.iter().filter(|p| !p.report.ok).count();
     if failed == 0 {
@@ -639,6 +634,26 @@ fn write_text(out: &mut impl Write, snap: &Snapshot, r: &Report) -> std::io::Res
     writeln!(out, "OK{}", if listed { UNCHECKED_FAILURES } else { "" })
 }
 
+/// The series of a snapshot the sidecar requires, named, when some are missing: those every
+/// snapshot the library writes carries and that say whether the control works (the security
+/// checks', whether the allocator shut down, whether the anomaly detector runs). A file
+/// without them was cut short (a writer that is not atomic, a copy) or is not kvhygiene's:
+/// served with a 200, the series would vanish and the alerts on them go quiet, not fire.
+fn missing_series(snap: &Snapshot) -> Option<String> {
+    let none: &[(&str, &str)] = &[];
+    let missing: Vec<String> = SECURITY_CHECKS
+        .iter()
+        .map(|c| (c.metric, c.labels))
+        .chain([
+            (crate::gate::SHUT_DOWN, none),
+            (crate::gate::ANOMALY_ENABLED, none),
+        ])
+        .filter(|(metric, labels)| snap.exposition.values(metric, labels).next().is_none())
+        .map(|(metric, labels)| series_name(metric, labels))
+        .collect();
+    (!missing.is_empty()).then(|| missing.join(", "))
+}
+
 /// The sidecar's endpoints: `/metrics` (the file, or 503) and `/healthz`.
 pub struct FileRoutes {
     pub target: Target,
@@ -679,13 +694,23 @@ impl FileRoutes {
         self.judged_fresh(file, snap, now)
     }
 
-    /// `snap`, read from `file`, when it is fresh enough.
+    /// `snap`, read from `file`, when it is whole ([`missing_series`]) and fresh enough.
     fn judged_fresh(
         &self,
         file: &Path,
         snap: Snapshot,
         now: SystemTime,
     ) -> Result<Snapshot, Unservable> {
+        if let Some(missing) = missing_series(&snap) {
+            return Err((
+                format!("incomplete {}", file.display()),
+                format!(
+                    "{}: {missing} missing (every snapshot carries them; the file is cut short \
+                     or not kvhygiene's): served, the alerts on them would go quiet",
+                    file.display()
+                ),
+            ));
+        }
         let age = snap.age_seconds(now);
         if let Some(max) = self.max_age.filter(|m| age > *m as f64) {
             return Err((
@@ -731,16 +756,30 @@ impl FileRoutes {
                 Err(e) => return Err(e),
             }
         }
-        snaps.extend(self.last_words(&gone, now));
-        if snaps.is_empty() {
+        let last_words = self.last_words(&gone, now);
+        if snaps.is_empty() && last_words.is_empty() {
             return Err(same(per_process::none_live(
                 pattern,
                 gone.len(),
                 earlier_holders,
             )));
         }
-        let named: Vec<(&str, &Snapshot)> = snaps.iter().map(|(f, s)| (f.as_str(), s)).collect();
-        super::merge::merge(&named).map_err(|e| same(format!("{}: {e}", pattern.display())))
+        let merged = |snaps: &[(String, Snapshot)]| {
+            let named: Vec<(&str, &Snapshot)> =
+                snaps.iter().map(|(f, s)| (f.as_str(), s)).collect();
+            super::merge::merge(&named).map_err(|e| same(format!("{}: {e}", pattern.display())))
+        };
+        // A gone process's last snapshot that cannot be served beside the others (its series
+        // collide with theirs: a copy of a live one's file, a worker of another release
+        // declaring a family otherwise) is left out, as `last_words` leaves out one that
+        // cannot be read: never a reason to answer 503 for the live ones.
+        for last in last_words {
+            snaps.push(last);
+            if merged(&snaps).is_err() {
+                snaps.pop();
+            }
+        }
+        merged(&snaps)
     }
 
     /// The last snapshots of processes that are gone, those no older than `--max-age`
@@ -758,7 +797,8 @@ impl FileRoutes {
                     return None;
                 }
                 let snap = load_at(file, now).ok()?;
-                (snap.age_seconds(now) <= max as f64).then(|| (file.display().to_string(), snap))
+                let served = snap.age_seconds(now) <= max as f64 && missing_series(&snap).is_none();
+                served.then(|| (file.display().to_string(), snap))
             })
             .collect()
     }

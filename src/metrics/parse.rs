@@ -413,9 +413,22 @@ fn parse_value(v: &str) -> Option<f64> {
             None
         }
         // Rust reads a number beyond the float range as infinite; Prometheus (Go's
-        // ParseFloat) refuses it: only the spellings above are infinite.
-        _ => v.parse::<f64>().ok().filter(|x| x.is_finite()),
+        // ParseFloat) refuses it: only the spellings above are infinite. One too small for
+        // the float range (1e-400) reads as 0, which a number with a non-zero digit is not:
+        // refused too, so that no count above zero is taken for none.
+        _ => v
+            .parse::<f64>()
+            .ok()
+            .filter(|x| x.is_finite())
+            .filter(|&x| x != 0.0 || !has_nonzero_digit(v)),
     }
+}
+
+/// Whether the significand of the number `v` (before its exponent) has a digit other than 0.
+fn has_nonzero_digit(v: &str) -> bool {
+    v.split(['e', 'E'])
+        .next()
+        .is_some_and(|significand| significand.bytes().any(|b| (b'1'..=b'9').contains(&b)))
 }
 
 /// A `# HELP` text unescaped: the format allows `\\` and `\n` only there.
@@ -454,6 +467,22 @@ fn valid_label_name(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A number too small for a float reads as 0 in Rust; a count that is not zero must not.
+    #[test]
+    fn a_value_below_the_float_range_is_refused_and_every_zero_is_zero() {
+        for text in ["1e-400", "0.1e-330", "-5E-999"] {
+            assert_eq!(parse_value(text), None, "{text}");
+        }
+        for zero in ["0", "-0", "+0", "0.0", "0e10", "0.000e-400"] {
+            assert_eq!(parse_value(zero), Some(0.0), "{zero}");
+        }
+        assert!(
+            parse_value("1e-310").is_some_and(|x| x > 0.0),
+            "a subnormal is not zero"
+        );
+        assert!(parse("kvh_residue_detected_total 1e-400\n").is_err());
+    }
 
     #[test]
     fn refuses_what_the_text_format_does_not_allow() {

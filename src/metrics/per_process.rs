@@ -119,14 +119,35 @@ pub struct GoneFile {
     #[serde(serialize_with = "crate::report_out::path_or_null")]
     pub file: PathBuf,
     pub file_shell: String,
+    /// The file was written by an earlier holder of the id, which a live process holds now:
+    /// the process that wrote it is gone, not the one with its id.
+    pub earlier_holder: bool,
 }
 
 impl GoneFile {
-    fn of((pid, file): (u32, PathBuf)) -> Self {
+    fn of((pid, file): (u32, PathBuf), earlier_holder: bool) -> Self {
         GoneFile {
             pid,
             file_shell: crate::forensic::cli::shell_word(&file),
             file,
+            earlier_holder,
+        }
+    }
+
+    /// The note a report gives of it: the file is left out (`what`: "checked", "judged").
+    pub fn note(&self, what: &str) -> String {
+        let file = crate::printable(&self.file.display().to_string());
+        if self.earlier_holder {
+            format!(
+                "note: {file} was written by an earlier holder of process id {} (it ended; \
+                 the id names another process now): not {what} (remove it)",
+                self.pid
+            )
+        } else {
+            format!(
+                "note: process {} is gone; its file {file} is not {what} (remove it)",
+                self.pid
+            )
         }
     }
 }
@@ -151,10 +172,17 @@ pub fn judge_live<S, T>(
     passed: impl Fn(&T) -> bool,
 ) -> Result<Judged<S, T>, String> {
     let ProcessFiles { live, mut gone } = files;
+    let mut earlier_holders = Vec::new();
     let mut processes = Vec::with_capacity(live.len());
     for (pid, file) in live {
         let Some(snap) = load(pid, &file)? else {
-            gone.push((pid, file));
+            // Not this process's to judge: an earlier holder of the id wrote it, or the
+            // process ended meanwhile.
+            if alive(pid) {
+                earlier_holders.push((pid, file));
+            } else {
+                gone.push((pid, file));
+            }
             continue;
         };
         let verdict = judge(&file, &snap);
@@ -165,12 +193,15 @@ pub fn judge_live<S, T>(
         processes.push((pid, snap, verdict));
     }
     gone.sort();
+    earlier_holders.sort();
     if processes.is_empty() {
-        return Err(none_live(pattern, gone.len(), 0));
+        return Err(none_live(pattern, gone.len(), earlier_holders.len()));
     }
+    let gone = gone.into_iter().map(|g| GoneFile::of(g, false));
+    let earlier = earlier_holders.into_iter().map(|g| GoneFile::of(g, true));
     Ok(Judged {
         processes,
-        gone: gone.into_iter().map(GoneFile::of).collect(),
+        gone: gone.chain(earlier).collect(),
     })
 }
 
