@@ -457,7 +457,8 @@ Serve a metrics file over HTTP at /metrics: a sidecar for Prometheus.
 In Kubernetes, the inference container writes KVH_METRICS_FILE into a shared emptyDir and this \
 verb, in a sidecar container, serves it, so the inference process opens no port. GET /metrics \
 answers the file (Content-Type text/plain; version=0.0.4), or 503 when the file is missing, \
-not a metrics snapshot, or older than --max-age; the 503 body is the same in every case, and \
+not a metrics snapshot, missing a series the alerts read (the security checks', \
+kvh_shut_down, kvh_anomaly_enabled: a file cut short), or older than --max-age; the 503 body is the same in every case, and \
 the reason (by line and what is wrong, quoting nothing of the file, which may be a key \
 named by mistake) is written on stderr when it changes. The file is opened \
 without blocking and must be a regular file of at most 1 MiB. GET /healthz answers ok \
