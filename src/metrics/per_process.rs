@@ -612,7 +612,7 @@ mod tests {
         assert_eq!(judged.processes, vec![(running, (), false)]);
         assert_eq!(
             judged.gone,
-            vec![GoneFile::of((ENDED, "kvh-8388608.prom".into()))]
+            vec![GoneFile::of((ENDED, "kvh-8388608.prom".into()), false)]
         );
         // Its file unreadable because it ended: gone; nothing judged is an error.
         let err = judge_live(
@@ -625,6 +625,33 @@ mod tests {
         .err()
         .expect("nothing judged");
         assert!(err.contains("(1 file of a process that is gone)"), "{err}");
+    }
+
+    #[test]
+    fn a_live_processs_file_another_process_wrote_is_an_earlier_holders() {
+        let pattern = Path::new("kvh-{pid}.prom");
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("sleep runs");
+        let running = child.id();
+        // Not the running process's to judge (`load` answers None): an earlier holder of its
+        // id wrote it. Nothing else judged: the error counts it as such, not as gone.
+        let err = judge_live(
+            pattern,
+            listed(&[running]),
+            |_, _| Ok(None::<()>),
+            |_, _| true,
+            |passed| *passed,
+        )
+        .err()
+        .expect("nothing judged");
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(err.contains("1 file of an earlier holder"), "{err}");
+        assert!(!err.contains("gone"), "{err}");
+        let file = GoneFile::of((running, "kvh-7.prom".into()), true);
+        assert!(file.note("judged").contains("earlier holder of process id"));
     }
 
     #[test]
