@@ -237,8 +237,9 @@ int kvh_mark_ipc_exported(const void *ptr);
 // violation; NULLs and over-limit lengths are refused before either.
 //
 // `block_ids` may be NULL when `block_count` is 0 (a no-op once the layout's geometry is
-// checked); `failed_ids` may be NULL when `failed_capacity` is 0; `layout` and
-// `failed_count` are required. Waits for its scrub launches (one per 65,536 segments), not
+// checked; the allocator is started all the same, as by every KV call, so a launcher calls
+// none before it forks its workers); `failed_ids` may be NULL when `failed_capacity` is 0;
+// `layout` and `failed_count` are required. Waits for its scrub launches (one per 65,536 segments), not
 // for the whole device: call it once per freed set of blocks, not per block. One call
 // takes at most 1,048,576 segments (blocks × regions; more is `KVH_ERR_INVALID_LAYOUT`):
 // split a larger set into several calls.
@@ -288,8 +289,9 @@ int kvh_scrub_blocks(const kvh_kv_layout *layout,
 // and failed blocks leave a `policy_violation` record (policy `kv_gate`); the gate's scrubs
 // leave `kv_scrub` records with `trigger` `claim_gate`.
 //
-// `block_ids` may be NULL when `block_count` is 0; `refused_ids` may be NULL when
-// `refused_capacity` is 0; `layout` and `refused_count` are required.
+// `block_ids` may be NULL when `block_count` is 0 (the allocator is started all the same, as
+// by every KV call); `refused_ids` may be NULL when `refused_capacity` is 0; `layout` and
+// `refused_count` are required.
 //
 // Ownership: the arrays stay the caller's and are used only during the call.
 int kvh_claim_blocks(const kvh_kv_layout *layout,
@@ -312,7 +314,8 @@ int kvh_claim_blocks(const kvh_kv_layout *layout,
 //
 // The layout and ids are checked as `kvh_claim_blocks` checks them (the cache need not be a
 // live allocation). Returns `KVH_OK` when the refusal was recorded (with `block_count` 0,
-// once the layout passed: nothing is refused, counted or logged), else nothing was
+// once the layout passed: nothing is refused, counted or logged, though the allocator is
+// started, as by every KV call), else nothing was
 // recorded: `KVH_ERR_NULL_PARAMETER` or `KVH_ERR_INVALID_LAYOUT` from that check,
 // `KVH_ERR_INVALID_DEVICE`, `KVH_ERR_SHUTTING_DOWN` after `kvh_shutdown`, or the start-up's
 // error.

@@ -751,9 +751,9 @@ fn metrics_checks(config: &Config, out: &mut Vec<Check>) {
     }
 }
 
-/// The smallest file size limit under which the metrics export writes its snapshots: twice
-/// the size of an idle process's snapshot (about 14 KiB; the families do not grow with the
-/// devices, which are summed), leaving room for its counters' digits to grow.
+/// The smallest file size limit under which the metrics export writes its snapshots: the size
+/// of an idle process's snapshot (about 14 KiB; the families do not grow with the devices,
+/// which are summed) with room for every sample's value to grow to 20 digits.
 fn min_metrics_file_size_limit() -> u64 {
     let mut stats = crate::stats::Stats::merge("cuda".into(), &[Default::default()], None);
     stats.log = serde_json::to_value(crate::forensic::LogStats::disabled()).ok();
@@ -764,7 +764,8 @@ fn min_metrics_file_size_limit() -> u64 {
         std::time::SystemTime::now(),
         &[("pid", "4194303")],
     );
-    2 * idle.len() as u64
+    let samples = idle.lines().filter(|l| !l.starts_with('#')).count();
+    (idle.len() + samples * 20) as u64
 }
 
 /// The file size limit (`ulimit -f`, `RLIMIT_FSIZE`), when one is set and a file is written:

@@ -1135,6 +1135,11 @@ class _IdsPerStep(collections.abc.Coroutine):
     def cr_code(self):
         return getattr(self._coro, "cr_code", None)
 
+    @property
+    def cr_suspended(self):
+        # Read by inspect.getcoroutinestate on 3.11+ (anyio asks it of a task group's tasks).
+        return getattr(self._coro, "cr_suspended", False)
+
     def __repr__(self):
         return repr(self._coro)
 
@@ -1151,7 +1156,24 @@ def task_factory(loop, coro, **kwargs):
     and keeps a task factory the loop already had."""
     import asyncio
 
-    return asyncio.Task(_IdsPerStep(coro), loop=loop, **kwargs)
+    return _made_with_ids_per_step(coro, lambda wrapped: asyncio.Task(wrapped, loop=loop, **kwargs))
+
+
+def _made_with_ids_per_step(coro, make):
+    """The task ``make`` makes of ``coro`` wrapped in :class:`_IdsPerStep`; what is not a
+    coroutine is given unwrapped, for the task to refuse it (``TypeError``) as it would.
+
+    A task may take its first step as it is made (an eager task, Python 3.12+): the caller's
+    ids are given back to the library after it, since the caller goes on running on this
+    thread."""
+    import asyncio
+
+    if not asyncio.iscoroutine(coro):
+        return make(coro)
+    try:
+        return make(_IdsPerStep(coro))
+    finally:
+        _ids_for_this_step()
 
 
 def install_asyncio(loop=None) -> None:
@@ -1181,7 +1203,7 @@ def install_asyncio(loop=None) -> None:
         return
 
     def chained(loop, coro, **kwargs):
-        return previous(loop, _IdsPerStep(coro), **kwargs)
+        return _made_with_ids_per_step(coro, lambda wrapped: previous(loop, wrapped, **kwargs))
 
     chained._kvhygiene_ids_per_step = True
     loop.set_task_factory(chained)

@@ -2997,3 +2997,81 @@ def test_context_decorates_plain_functions_and_refuses_those_whose_body_runs_lat
     for func, kind in ((handler, "async function"), (stream, "generator"), (astream, "async function")):
         with pytest.raises(TypeError, match=kind):
             kvhygiene.context(tenant_id="t")(func)
+
+
+_EAGER_CHILD_TASK = """
+import asyncio
+import contextvars
+import sys
+sys.path.insert(0, sys.argv[1])
+import kvhygiene
+lib = kvhygiene.load(sys.argv[2])
+
+
+def eager(loop, coro, **kwargs):
+    # As asyncio.eager_task_factory (Python 3.12+) does for the child: its first step runs as
+    # it is created, inside the creator's call (it stops at an await, never finishing there).
+    # As there, in the task's own copy of the creator's context.
+    context = kwargs.pop("context", None) or contextvars.copy_context()
+    if coro.__qualname__ == "child":
+        context.run(coro.send, None)
+    return asyncio.Task(coro, loop=loop, context=context, **kwargs)
+
+
+async def child():
+    with kvhygiene.context(tenant_id="t-child", request_id="r-child"):
+        await asyncio.sleep(0)
+
+
+async def parent():
+    with kvhygiene.context(tenant_id="t-parent", request_id="r-parent"):
+        task = asyncio.get_running_loop().create_task(child())
+        # An invalid free: its record carries the ids the library holds for this thread.
+        lib.kvh_free(0xdead0000, 8, 0, None)
+        await task
+
+
+async def main():
+    asyncio.get_running_loop().set_task_factory(eager)
+    kvhygiene.install_asyncio()
+    await parent()
+
+
+asyncio.run(main())
+lib.kvh_shutdown()
+"""
+
+
+@needs_lib
+def test_under_install_asyncio_a_task_that_starts_eagerly_gives_its_creator_back_its_ids(tmp_path):
+    import json
+
+    log = tmp_path / "log"
+    run = _run_script(tmp_path, _EAGER_CHILD_TASK, KVH_BACKEND="host", KVH_LOG_DIR=str(log), KVH_LOG_FSYNC="never")
+    assert run.returncode == 0, run.stderr
+    records = [json.loads(line) for f in sorted(log.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    frees = [(r["caller_tenant_id"], r["caller_request_id"]) for r in records if r["kind"] == "invalid_free"]
+    assert frees == [("t-parent", "r-parent")], frees
+
+
+@needs_lib
+def test_under_install_asyncio_tasks_answer_as_coroutines_and_refuse_what_is_not_one():
+    import asyncio
+    import inspect
+
+    async def job():
+        await asyncio.sleep(0)
+
+    async def main():
+        kvhygiene.install_asyncio()
+        task = asyncio.create_task(job())
+        await asyncio.sleep(0)
+        # inspect (and anyio, on a task group's cancellation) asks the task's coroutine its
+        # state.
+        state = inspect.getcoroutinestate(task.get_coro())
+        await task
+        with pytest.raises(TypeError):
+            asyncio.get_running_loop().create_task(asyncio.sleep)  # the function, not called
+        return state
+
+    assert asyncio.run(main()) in ("CORO_SUSPENDED", "CORO_CLOSED")

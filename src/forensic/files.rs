@@ -207,14 +207,12 @@ pub(crate) fn unwritable_said(dir: &Path) -> String {
 
 /// Whether `dir` is a directory that was removed while something still refers to it: the
 /// working directory, through a relative path. It still answers `stat` and `faccessat` as it
-/// was, but an entry created in it fails (ENOENT). Told by its link count (0 once removed),
-/// and for a relative path by `getcwd`, which fails for a removed working directory even on
-/// file systems whose directories' link counts say nothing (btrfs keeps them at 1).
+/// was, but an entry created in it fails (ENOENT). Told by its link count, which removal
+/// makes 0 (a live directory has at least 1, on file systems that count no subdirectories
+/// too). Not by `getcwd` failing: it also fails for a working directory outside the
+/// process's root (a `chroot` without `chdir`), where relative paths still work.
 fn is_removed_dir(dir: &Path) -> bool {
-    let unlinked = fs::metadata(dir).is_ok_and(|m| m.is_dir() && m.nlink() == 0);
-    let cwd_gone = dir.is_relative()
-        && std::env::current_dir().is_err_and(|e| e.kind() == io::ErrorKind::NotFound);
-    unlinked || cwd_gone
+    fs::metadata(dir).is_ok_and(|m| m.is_dir() && m.nlink() == 0)
 }
 
 /// Whether `dir` lies on one of the kernel's interface file systems (`/proc`, `/sys`, cgroups,

@@ -772,8 +772,15 @@ impl FileRoutes {
         // A gone process's last snapshot that cannot be served beside the others (its series
         // collide with theirs: a copy of a live one's file, a worker of another release
         // declaring a family otherwise) is left out, as `last_words` leaves out one that
-        // cannot be read: never a reason to answer 503 for the live ones.
-        for last in last_words {
+        // cannot be read: never a reason to answer 503 for the live ones. One merge of all of
+        // them first; only when it fails is each tried in turn (a merge per file).
+        let live = snaps.len();
+        snaps.extend(last_words);
+        if let Ok(text) = merged(&snaps) {
+            return Ok(text);
+        }
+        let candidates = snaps.split_off(live);
+        for last in candidates {
             snaps.push(last);
             if merged(&snaps).is_err() {
                 snaps.pop();
