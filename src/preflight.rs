@@ -752,12 +752,15 @@ fn metrics_checks(config: &Config, out: &mut Vec<Check>) {
 }
 
 /// The smallest file size limit under which the metrics export writes its snapshots: the size
-/// of an idle process's snapshot (about 14 KiB; the families do not grow with the devices,
-/// which are summed) with room for every sample's value to grow to 20 digits.
+/// of an idle process's snapshot, with its `pid` label and the anomaly detector's series
+/// (about 14 KiB; the families do not grow with the devices, which are summed), with room for
+/// every sample's value to grow to 20 digits (about 16 KiB in all).
 fn min_metrics_file_size_limit() -> u64 {
     let mut stats = crate::stats::Stats::merge("cuda".into(), &[Default::default()], None);
     stats.log = serde_json::to_value(crate::forensic::LogStats::disabled()).ok();
-    stats.anomaly = serde_json::to_value(crate::anomaly::AnomalyStats::disabled()).ok();
+    // The detector on: a series for each of its signals.
+    stats.anomaly =
+        crate::anomaly::layer(&crate::config::AnomalyConfig::default(), None).stats_json();
     let idle = crate::metrics::encode::encode_labelled(
         &stats,
         &crate::metrics::ExporterStats::default(),
