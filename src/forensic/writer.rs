@@ -1506,17 +1506,17 @@ const ROTATE_ROOM: u64 = 1024;
 /// no `fallocate` call: a file keeps at most this much unused past its end.
 const ROOM_AHEAD: u64 = 64 << 10;
 
+/// The smallest file size limit (`RLIMIT_FSIZE`) under which the writer keeps every record:
+/// a file of the smallest rotation size (4 KiB) with the 4 KiB kept after the records for
+/// those that close the chain. Under a smaller one it loses records, and under one of 4 KiB
+/// or less its start record fails (`kvh preflight` fails it).
+pub const MIN_FILE_SIZE_LIMIT: u64 = 4096 + FINAL_ROOM;
+
 /// `max_bytes`, lowered to leave [`FINAL_ROOM`] within the process's file size limit
 /// (`RLIMIT_FSIZE`, `ulimit -f`) when that is lower: a write past the limit kills the process
 /// (`SIGXFSZ`), and one refused before it would leave the file never rotated, every later
 /// record lost. Not below 4096, the smallest file size taken; under a limit that low, writes
 /// are refused ([`files::reserve`]) and counted lost.
-/// The smallest file size limit (`RLIMIT_FSIZE`) under which the writer keeps every record:
-/// a file of the smallest rotation size (4 KiB) with [`FINAL_ROOM`] kept after it. Under a
-/// smaller one it loses records, and under one of 4 KiB or less its start record fails
-/// (`kvh preflight` fails it).
-pub const MIN_FILE_SIZE_LIMIT: u64 = 4096 + FINAL_ROOM;
-
 fn within_file_size_limit(max_bytes: u64) -> u64 {
     match files::file_size_limit() {
         Some(limit) => max_bytes.min(limit.saturating_sub(FINAL_ROOM).max(4096)),
