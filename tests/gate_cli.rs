@@ -1226,17 +1226,6 @@ fn the_shut_down_reason_spells_the_value_of_the_snapshot() {
     );
 }
 
-/// The series of every failed control, named here rather than taken from the gate's own list,
-/// so that a series dropped from that list fails this test.
-const FAILED_CONTROL_SERIES: [&str; 6] = [
-    "kvh_verifications_total{result=\"failed\"}",
-    "kvh_residue_detected_total",
-    "kvh_rescrub_failures_total",
-    "kvh_kv_failed_blocks_total",
-    "kvh_log_records_lost_total",
-    "kvh_async_error",
-];
-
 #[test]
 fn each_failed_control_alone_evicts_naming_its_series() {
     let dir = tempfile::tempdir().unwrap();
@@ -1245,7 +1234,7 @@ fn each_failed_control_alone_evicts_naming_its_series() {
     let healthy = std::fs::read_to_string(&f).unwrap();
     let (code, out, err) = gate(&f, &[]);
     assert_eq!(code, 0, "the healthy snapshot is admitted: {out}{err}");
-    for series in FAILED_CONTROL_SERIES {
+    for series in cli_common::SECURITY_SERIES {
         let zero = format!("\n{series} 0\n");
         assert!(
             healthy.contains(&zero),

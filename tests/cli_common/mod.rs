@@ -76,6 +76,18 @@ pub fn run(cmd: &mut Command) -> (i32, String, String) {
 
 /// Stats as the runtime exports them with `KVH_LOG_DIR` unset and `KVH_ANOMALY=off`: the
 /// forensic log's and the anomaly detector's statistics included (both disabled).
+/// The series of every security check (`kvh metrics --fail-on-security`, `kvh gate`), named
+/// here rather than taken from the library's own list, so that a series dropped from that
+/// list fails the tests that use this one.
+pub const SECURITY_SERIES: [&str; 6] = [
+    "kvh_verifications_total{result=\"failed\"}",
+    "kvh_residue_detected_total",
+    "kvh_rescrub_failures_total",
+    "kvh_kv_failed_blocks_total",
+    "kvh_log_records_lost_total",
+    "kvh_async_error",
+];
+
 pub fn runtime_stats(pool: PoolCounters) -> Stats {
     let mut stats = Stats::merge("host".into(), &[pool], None);
     stats.log = serde_json::to_value(LogStats::disabled()).ok();
