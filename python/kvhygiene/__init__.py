@@ -1117,28 +1117,13 @@ class _IdsPerStep(collections.abc.Coroutine):
     def __await__(self):
         return self._coro.__await__()
 
-    # What asyncio reads of a task's coroutine to name it and show its stack (Task's repr,
-    # Task.get_stack / print_stack), passed through to the wrapped one.
-    @property
-    def cr_frame(self):
-        return getattr(self._coro, "cr_frame", None)
-
-    @property
-    def cr_running(self):
-        return getattr(self._coro, "cr_running", False)
-
-    @property
-    def cr_await(self):
-        return getattr(self._coro, "cr_await", None)
-
-    @property
-    def cr_code(self):
-        return getattr(self._coro, "cr_code", None)
-
-    @property
-    def cr_suspended(self):
-        # Read by inspect.getcoroutinestate on 3.11+ (anyio asks it of a task group's tasks).
-        return getattr(self._coro, "cr_suspended", False)
+    def __getattr__(self, name):
+        # The coroutine's own state (cr_frame, cr_running, cr_suspended...), which asyncio
+        # reads to name a task and show its stack, and inspect.getcoroutinestate (anyio, on a
+        # task group's cancellation) to tell its state: the wrapped one's.
+        if name.startswith("cr_"):
+            return getattr(self._coro, name)
+        raise AttributeError(name)
 
     def __repr__(self):
         return repr(self._coro)

@@ -590,13 +590,18 @@ mod tests {
         }
     }
 
+    /// A live process for a test to kill and reap.
+    fn sleeping() -> std::process::Child {
+        std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("sleep runs")
+    }
+
     #[test]
     fn a_process_that_ended_while_its_file_was_read_is_gone_not_judged() {
         let pattern = Path::new("kvh-{pid}.prom");
-        let mut child = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .expect("sleep runs");
+        let mut child = sleeping();
         let running = child.id();
         // Loaded and failed, but ended: gone. Loaded and failed while running: judged.
         let judged = judge_live(
@@ -630,10 +635,7 @@ mod tests {
     #[test]
     fn a_live_processs_file_another_process_wrote_is_an_earlier_holders() {
         let pattern = Path::new("kvh-{pid}.prom");
-        let mut child = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .expect("sleep runs");
+        let mut child = sleeping();
         let running = child.id();
         // Not the running process's to judge (`load` answers None): an earlier holder of its
         // id wrote it. Nothing else judged: the error counts it as such, not as gone.
@@ -656,10 +658,7 @@ mod tests {
 
     #[test]
     fn a_running_process_is_alive_and_an_unused_pid_or_the_reader_itself_is_not() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .expect("sleep runs");
+        let mut child = sleeping();
         let running = alive(child.id());
         let _ = child.kill();
         let _ = child.wait();
